@@ -1,0 +1,52 @@
+"""``lsr-run``: one Hydra entry point; runs the configured stages in one run directory.
+
+Returns the sweep objective (mean nDCG@10 over the evaluated datasets) so Hydra sweepers can optimise it.
+Problems with the user's input or environment (``LsrError``) print one clear message, no traceback; in a
+multirun the failed job is recorded in its run directory (``failed.json``) and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = os.environ.get("LSR_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+log = logging.getLogger("lsr_run")
+
+
+def objective(metrics: dict, metric: str = "ndcg@10") -> float | None:
+    values = [v[metric] for v in metrics.values() if isinstance(v, dict) and metric in v]
+    return sum(values) / len(values) if values else None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from . import run_dir as rd
+    from .errors import LsrError
+    from .pipeline import run
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hc = HydraConfig.get()
+    root = Path(hc.runtime.output_dir)
+    try:
+        metrics = run(cfg, root)
+    except LsrError as e:
+        log.error("%s", e)
+        if hc.mode == RunMode.MULTIRUN:
+            rd.write_json(root / "failed.json", {"error": str(e), "type": type(e).__name__})
+            return None
+        sys.exit(2)
+    return objective(metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Datasets: BEIR-layout folders and ir_datasets ids -> corpus, queries, qrels (ids are strings everywhere).
+
+A dataset is named in the config (``name``, ``split``, optional ``irds_id``). It resolves to the folder
+``$LSR_DATA_DIR/<name>`` when that exists, else to its ir_datasets id. Loading validates as it reads: malformed
+JSON is reported with file and line, duplicate ids and non-UTF-8 bytes are errors, qrels naming unknown
+queries or documents are counted (an error if none match), empty documents and queries are counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import DataError, LsrError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Corpus:
+    """Documents by id; ``text(doc_id)`` is ``title + " " + text`` as BEIR and Pyserini's flat indexes use."""
+
+    titles: dict[str, str]
+    texts: dict[str, str]
+    name: str = ""
+    empty: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def ids(self) -> list[str]:
+        return list(self.texts)
+
+    def text(self, doc_id: str) -> str:
+        title = self.titles.get(doc_id, "")
+        body = self.texts[doc_id]
+        return f"{title} {body}".strip() if title else body
+
+
+@dataclass
+class Dataset:
+    """One query set on one corpus, with its judgements for one split."""
+
+    name: str
+    corpus_key: str
+    corpus: Corpus
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    source: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def judged_queries(self) -> dict[str, str]:
+        return {q: t for q, t in self.queries.items() if q in self.qrels}
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get("LSR_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def resolve(name: str, irds_id: str | None = None, path: str | None = None) -> tuple[str, str]:
+    """Return ("folder", path) or ("irds", id) for a dataset entry."""
+    if path:
+        if not Path(path).is_dir():
+            raise DataError(f"dataset '{name}': path {path} is not a folder")
+        return "folder", str(path)
+    root = data_dir()
+    if root is not None and (root / name).is_dir():
+        return "folder", str(root / name)
+    if irds_id:
+        return "irds", irds_id
+    where = f"{root}/{name}" if root else "$LSR_DATA_DIR (unset)"
+    raise DataError(f"dataset '{name}': no folder {where} and no irds_id to download it by; "
+                    f"set LSR_DATA_DIR to the folder holding '{name}/' or give the entry an irds_id")
+
+
+# ---------------------------------------------------------------- BEIR folders
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
+    with _open_text(path) as f:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            except (OSError, EOFError) as e:
+                raise DataError(f"{path}: cannot be read ({e})") from None
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _id_of(obj: dict, path: Path, lineno: int) -> str:
+    for key in ("_id", "id", "docid", "doc_id", "qid", "query_id"):
+        if key in obj and obj[key] is not None:
+            return str(obj[key])
+    raise DataError(f"{path}:{lineno}: no '_id' field")
+
+
+def load_corpus_file(path: Path, name: str = "") -> Corpus:
+    titles: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    empty = 0
+    first_line: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        doc_id = _id_of(obj, path, lineno)
+        if doc_id in texts:
+            raise DataError(f"{path}:{lineno}: duplicate document id '{doc_id}' (first at line {first_line[doc_id]})")
+        first_line[doc_id] = lineno
+        title = str(obj.get("title") or "")
+        text = str(obj.get("text") or obj.get("contents") or "")
+        if not (title.strip() or text.strip()):
+            empty += 1
+        if title:
+            titles[doc_id] = title
+        texts[doc_id] = text
+    if not texts:
+        raise DataError(f"{path}: no documents")
+    if empty:
+        log.warning("%s: %d empty documents (indexed so they exist, they never match)", path, empty)
+    return Corpus(titles, texts, name=name, empty=empty)
+
+
+def load_queries_file(path: Path) -> tuple[dict[str, str], int]:
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    empty = 0
+    for lineno, obj in iter_jsonl(path):
+        qid = _id_of(obj, path, lineno)
+        if qid in queries:
+            raise DataError(f"{path}:{lineno}: duplicate query id '{qid}' (first at line {first_line[qid]})")
+        first_line[qid] = lineno
+        text = str(obj.get("text") or obj.get("query") or "")
+        if not text.strip():
+            empty += 1
+        queries[qid] = text
+    return queries, empty
+
+
+def load_qrels_file(path: Path) -> dict[str, dict[str, int]]:
+    """TREC (``qid 0 docid rel``) or BEIR TSV (``query-id corpus-id score`` with a header)."""
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if lineno == 1 and not parts[-1].lstrip("-").isdigit():
+                    continue  # header
+                if len(parts) == 4:
+                    qid, _, doc_id, rel = parts
+                elif len(parts) == 3:
+                    qid, doc_id, rel = parts
+                else:
+                    raise DataError(f"{path}:{lineno}: expected 3 (BEIR) or 4 (TREC) columns, got {len(parts)}")
+                try:
+                    qrels.setdefault(qid, {})[doc_id] = int(float(rel))
+                except ValueError:
+                    raise DataError(f"{path}:{lineno}: relevance '{rel}' is not a number") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
+    return qrels
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{folder}: missing {stem}.jsonl (or {stem}.jsonl.gz)")
+
+
+_CORPUS_CACHE: dict[str, Corpus] = {}
+
+
+def load_folder(name: str, folder: Path, split: str) -> Dataset:
+    folder = Path(folder)
+    corpus_path = _find(folder, "corpus")
+    key = str(corpus_path.resolve())
+    if key not in _CORPUS_CACHE:
+        _CORPUS_CACHE[key] = load_corpus_file(corpus_path, name=folder.name)
+    corpus = _CORPUS_CACHE[key]
+    queries, empty_queries = load_queries_file(_find(folder, "queries"))
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+        raise DataError(f"{qrels_path}: missing (splits present: {', '.join(have) or 'none'})")
+    qrels = load_qrels_file(qrels_path)
+    stats = check_qrels(qrels, queries, corpus, qrels_path)
+    stats.update(empty_documents=corpus.empty, empty_queries=empty_queries)
+    return Dataset(name=name, corpus_key=folder.name, corpus=corpus, queries=queries, qrels=qrels,
+                   source=str(folder), stats=stats)
+
+
+def check_qrels(qrels: dict[str, dict[str, int]], queries: dict[str, str], corpus: Corpus, where: Path | str) -> dict:
+    """Drop judgements naming unknown queries/documents (counted); an error if nothing is left."""
+    unknown_q = [q for q in qrels if q not in queries]
+    unknown_d = 0
+    kept = 0
+    for qid in list(qrels):
+        if qid not in queries:
+            del qrels[qid]
+            continue
+        docs = qrels[qid]
+        for doc_id in [d for d in docs if d not in corpus.texts]:
+            del docs[doc_id]
+            unknown_d += 1
+        kept += len(docs)
+        if not docs:
+            del qrels[qid]
+    if unknown_q or unknown_d:
+        log.warning("%s: %d judged queries not in queries file, %d judged documents not in corpus (dropped)",
+                    where, len(unknown_q), unknown_d)
+    if kept == 0:
+        raise DataError(f"{where}: no judgement names a known query and document "
+                        f"({len(unknown_q)} unknown queries, {unknown_d} unknown documents)")
+    return {"qrels_unknown_queries": len(unknown_q), "qrels_unknown_docs": unknown_d, "qrels": kept}
+
+
+# ---------------------------------------------------------------- ir_datasets
+
+def load_irds(name: str, irds_id: str) -> Dataset:
+    """Load through ir_datasets (downloads on first use; needs internet)."""
+    try:
+        import ir_datasets
+    except ImportError as e:  # pragma: no cover
+        raise LsrError("ir_datasets is not installed") from e
+    try:
+        ds = ir_datasets.load(irds_id)
+        titles: dict[str, str] = {}
+        texts: dict[str, str] = {}
+        for doc in ds.docs_iter():
+            doc_id = str(doc.doc_id)
+            title = getattr(doc, "title", "") or ""
+            if title:
+                titles[doc_id] = title
+            texts[doc_id] = getattr(doc, "text", None) or getattr(doc, "body", "") or ""
+        queries = {str(q.query_id): (getattr(q, "text", None) or getattr(q, "title", "")) for q in ds.queries_iter()}
+        qrels: dict[str, dict[str, int]] = {}
+        for qrel in ds.qrels_iter():
+            qrels.setdefault(str(qrel.query_id), {})[str(qrel.doc_id)] = int(qrel.relevance)
+    except KeyError as e:
+        raise DataError(f"dataset '{name}': unknown ir_datasets id '{irds_id}'") from e
+    except Exception as e:  # network failures arrive as many exception types
+        raise LsrError(f"dataset '{name}': ir_datasets could not load '{irds_id}' ({type(e).__name__}: {e}). "
+                       f"Without internet, put the data in BEIR layout at $LSR_DATA_DIR/{name}/ "
+                       f"(corpus.jsonl, queries.jsonl, qrels/<split>.tsv).") from None
+    corpus = Corpus(titles, texts, name=irds_id.split("/")[0])
+    stats = check_qrels(qrels, queries, corpus, irds_id)
+    # documents are shared across query sets of one collection (e.g. msmarco-passage/dev/small and trec-dl-2019)
+    corpus_key = irds_id.split("/")[0] if irds_id.startswith("msmarco-passage") else irds_id.rsplit("/", 1)[0]
+    return Dataset(name=name, corpus_key=corpus_key.replace("/", "__"), corpus=corpus, queries=queries,
+                   qrels=qrels, source=f"irds:{irds_id}", stats=stats)
+
+
+def load_dataset(name: str, split: str = "test", irds_id: str | None = None, path: str | None = None) -> Dataset:
+    kind, where = resolve(name, irds_id, path)
+    if kind == "folder":
+        return load_folder(name, Path(where), split)
+    return load_irds(name, where)
+
+
+def training_examples(dataset: Dataset) -> dict[str, list[str]]:
+    """Query id -> ids of its positive documents (relevance > 0), in qrels order."""
+    out = {}
+    for qid, docs in dataset.qrels.items():
+        pos = [d for d, rel in docs.items() if rel > 0]
+        if pos and dataset.queries.get(qid, "").strip():
+            out[qid] = pos
+    if not out:
+        raise DataError(f"dataset '{dataset.name}': no query with a positive judgement to train on")
+    return out
+
+
+def write_trec_run(path: Path, run: dict[str, list[tuple[str, float]]], tag: str = "lsr-run") -> None:
+    """Ranked lists -> TREC run file (atomic)."""
+    from .run_dir import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for qid, hits in run.items():
+            for rank, (doc_id, score) in enumerate(hits, 1):
+                f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+
+
+def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 6:
+                raise DataError(f"{path}:{lineno}: a TREC run line has 6 columns, got {len(parts)}")
+            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    return run

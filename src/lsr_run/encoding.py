@@ -1,0 +1,86 @@
+"""Corpus and query encoding into quantised sparse vectors (Anserini JsonVectorCollection shards).
+
+Documents are encoded in length-sorted batches and written in shards; each shard is written under a temporary
+name and renamed, and the folder is only trusted once its ``.done`` marker exists. Blank documents get a filler
+term that no query contains, so they exist in the index but never match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .impacts import QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, write_vectors
+from .models.splade import SpladeEncoder
+from .run_dir import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+EMPTY_DOC_TERM = "[lsr-run:empty]"
+
+
+@dataclass
+class EncodeSpec:
+    batch_size: int = 32
+    query_batch_size: int = 64
+    doc_max_length: int = 256
+    query_max_length: int = 64
+    bf16: str = "auto"
+    shard_size: int = 100_000
+
+
+def encode_texts(encoder: SpladeEncoder, texts: list[str], max_length: int, batch_size: int, bf16,
+                 desc: str | None) -> list[SparseVector]:
+    terms = term_vocabulary(encoder.tokenizer)
+    out: list[SparseVector | None] = [None] * len(texts)
+    for positions, weights in encoder.encode(texts, max_length, batch_size, bf16, progress=desc):
+        for pos, vec in zip(positions, to_sparse(quantize(weights, QUANTIZATION_SCALE), terms)):
+            out[pos] = vec
+    return out  # type: ignore[return-value]
+
+
+def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpec) -> dict:
+    """Write ``out_dir/part-XXXXX.jsonl`` shards and ``out_dir/stats.json``; return the stats."""
+    start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = corpus.ids()
+    texts = [corpus.text(i) for i in ids]
+    blank = [not t.strip() for t in texts]
+    vectors = encode_texts(encoder, texts, spec.doc_max_length, spec.batch_size, spec.bf16,
+                           desc=f"encode {corpus.name}")
+    total_terms = 0
+    for s, start_i in enumerate(range(0, len(ids), spec.shard_size)):
+        rows = []
+        for i in range(start_i, min(start_i + spec.shard_size, len(ids))):
+            vec = {EMPTY_DOC_TERM: 1} if blank[i] else (vectors[i] or {EMPTY_DOC_TERM: 1})
+            total_terms += 0 if blank[i] else len(vectors[i])
+            rows.append((ids[i], vec))
+        with atomic_path(out_dir / f"part-{s:05d}.jsonl") as tmp:
+            write_vectors(tmp, rows)
+    stats = {"docs": len(ids), "doc_terms": total_terms / max(1, len(ids)), "empty_docs": int(sum(blank)),
+             "seconds": time.time() - start, "docs_per_second": len(ids) / max(1e-9, time.time() - start)}
+    write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+def encode_queries(encoder: SpladeEncoder, queries: dict[str, str], path: Path, spec: EncodeSpec) -> dict:
+    qids = list(queries)
+    vectors = encode_texts(encoder, [queries[q] for q in qids], spec.query_max_length, spec.query_batch_size,
+                           spec.bf16, desc=None)
+    with atomic_path(path) as tmp:
+        write_vectors(tmp, zip(qids, vectors), id_key="qid")
+    return {"queries": len(qids), "query_terms": sum(len(v) for v in vectors) / max(1, len(qids))}
+
+
+def read_query_vectors(path: Path) -> dict[str, SparseVector]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            out[str(obj["qid"])] = obj["vector"]
+    return out

@@ -1,0 +1,53 @@
+"""Scoring runs with ranx, following trec_eval's conventions.
+
+Metric names are ranx's everywhere (``ndcg@10``, ``mrr@10``, ``recall@1000``, ``map-l2``...). Only judged
+queries are scored, and a judged query the run has no result for counts as zero (``trec_eval -c``). Self-hits
+(a query's own id among its results, as in arguana and quora) can be removed before scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
+
+
+def _ranx():
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "lsr-run-numba"))
+    import ranx
+
+    return ranx
+
+
+def remove_self_hits(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
+
+
+def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
+                 metrics=DEFAULT_METRICS) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """-> (mean metrics, per-query metrics). Unjudged queries are ignored; judged queries without results
+    score zero on every metric."""
+    ranx = _ranx()
+    metrics = list(metrics)
+    judged = {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items() if docs}
+    if not judged:
+        raise ValueError("no judged queries to evaluate")
+    # ranx needs at least one result per query: a placeholder doc with score -inf is never relevant
+    # (ids cannot collide with a real doc: it holds a NUL byte) and so contributes zero.
+    filled = {}
+    for qid in judged:
+        docs = run.get(qid) or {}
+        filled[qid] = dict(docs) if docs else {"\x00none": -1e30}
+    qrels_obj = ranx.Qrels(judged)
+    run_obj = ranx.Run(filled)
+    per_query_raw = ranx.evaluate(qrels_obj, run_obj, metrics, return_mean=False, make_comparable=False)
+    if len(metrics) == 1:
+        per_query_raw = {metrics[0]: per_query_raw}
+    qids = list(run_obj.keys())
+    per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(qids)}
+    means = {m: float(sum(v[m] for v in per_query.values()) / len(per_query)) for m in metrics}
+    return means, per_query

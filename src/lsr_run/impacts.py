@@ -1,0 +1,67 @@
+"""Quantised impacts: the one place that decides how float SPLADE weights become Lucene integers.
+
+Anserini truncates float impact weights to integers and silently drops terms that end up at zero, so weights
+are quantised here: ``round(w * QUANTIZATION_SCALE)``, zeros dropped. Both the Lucene and the brute-force
+backends score the same integer vectors, so their results can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+QUANTIZATION_SCALE = 100
+
+SparseVector = dict[str, int]
+
+
+def term_vocabulary(tokenizer) -> list[str]:
+    """Token id -> the term string written to Lucene (the token itself; ``[tok<id>]`` if it has whitespace)."""
+    size = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    seen: set[str] = set()
+    terms = []
+    for i, tok in enumerate(tokens):
+        term = tok if tok and not any(c.isspace() for c in tok) else f"[tok{i}]"
+        if term in seen:
+            term = f"[tok{i}]"
+        seen.add(term)
+        terms.append(term)
+    return terms
+
+
+def quantize(weights: torch.Tensor, scale: int = QUANTIZATION_SCALE) -> torch.Tensor:
+    """(B, V) float weights -> (B, V) int32 impacts = round(w * scale)."""
+    return torch.round(weights.float() * scale).to(torch.int32)
+
+
+def to_sparse(impacts: torch.Tensor, terms: list[str]) -> list[SparseVector]:
+    """(B, V) int impacts -> one {term: impact} dict per row, zeros dropped, terms by decreasing impact."""
+    out = []
+    impacts = impacts.cpu()
+    for row in impacts:
+        idx = torch.nonzero(row > 0).squeeze(1)
+        values = row[idx]
+        order = torch.argsort(values, descending=True, stable=True)
+        out.append({terms[int(i)]: int(v) for i, v in zip(idx[order].tolist(), values[order].tolist())})
+    return out
+
+
+def write_vectors(path: Path, rows: Iterable[tuple[str, SparseVector]], id_key: str = "id") -> int:
+    """JSONL in Anserini's JsonVectorCollection layout: {"id", "contents", "vector"}."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for doc_id, vec in rows:
+            f.write(json.dumps({id_key: doc_id, "contents": "", "vector": vec}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_vectors(path: Path, id_key: str = "id") -> Iterator[tuple[str, SparseVector]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            yield str(obj[id_key]), obj["vector"]

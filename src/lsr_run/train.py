@@ -1,0 +1,295 @@
+"""The training loop: sampled groups -> SPLADE scores -> ranking loss + regularizer -> AdamW.
+
+Everything a step needs is a function of the global step: the batch (query order is a seeded permutation per
+epoch, negatives are sampled per (seed, epoch, query id)), the regularizer weights and the learning rate. A
+resumed run therefore continues exactly where the checkpoint left it. Checkpoints hold model, optimizer,
+scheduler, step and RNG states and are written atomically.
+
+Collapse watch: every ``collapse.check_every`` steps the mean active terms of queries and documents are
+checked; vectors nearly all active (> ``dense_fraction`` of the vocabulary) or all zero for ``patience``
+consecutive checks, or a non-finite loss beyond ``max_nonfinite``, stop the run with ``collapsed: true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, LsrError
+from .losses import ScoredBatch
+from .models.splade import SpladeEncoder, resolve_bf16
+from .run_dir import RunDir, atomic_path, write_json
+from .sampling import item_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollapseSpec:
+    check_every: int = 10
+    patience: int = 3
+    dense_fraction: float = 0.5
+    min_terms: float = 1.0
+
+
+@dataclass
+class TrainSpec:
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 200
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    query_max_length: int = 64
+    doc_max_length: int = 256
+    bf16: str = "auto"
+    log_every: int = 10
+    save_every: int = 50
+    nonfinite: str = "skip"  # skip | stop
+    max_nonfinite: int = 10
+    collapse: CollapseSpec = field(default_factory=CollapseSpec)
+
+    def validate(self) -> None:
+        checks = {"batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+                  "max_steps": self.max_steps >= 1, "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
+                  "weight_decay": self.weight_decay >= 0, "log_every": self.log_every >= 1,
+                  "save_every": self.save_every >= 1, "nonfinite": self.nonfinite in ("skip", "stop")}
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: out of range")
+
+
+@dataclass
+class TrainingData:
+    """Per training query: text, positives, ranked candidate pool and (optional) teacher scores."""
+
+    queries: dict[str, str]
+    positives: dict[str, list[str]]
+    pools: dict[str, list[str]]
+    corpus: object
+    teacher: dict[str, dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.qids = sorted(q for q in self.positives if q in self.pools)
+        if self.teacher is not None:
+            # keep only candidates and positives that the teacher scored
+            for q in self.qids:
+                scored = self.teacher.get(q, {})
+                self.pools[q] = [d for d in self.pools[q] if d in scored]
+                self.positives[q] = [d for d in self.positives[q] if d in scored]
+            self.qids = [q for q in self.qids if self.pools[q] and self.positives[q]]
+        if not self.qids:
+            raise LsrError("no training query has both a positive and a candidate (check data and teacher)")
+
+    def group(self, qid: str, sampler, seed: int, epoch: int) -> tuple[list[str], list[float] | None]:
+        """[positive, negatives...] and their teacher scores, pure in (seed, epoch, qid)."""
+        rng = item_rng(seed, epoch, qid)
+        pos = self.positives[qid][int(rng.integers(len(self.positives[qid])))]
+        pool = self.pools[qid]
+        scores = None
+        if self.teacher is not None:
+            scores = np.array([self.teacher[qid][d] for d in pool])
+        negs = sampler.sample(pool, scores, rng)
+        docs = [pos] + negs
+        teacher = [self.teacher[qid][d] for d in docs] if self.teacher is not None else None
+        return docs, teacher
+
+
+def epoch_order(qids: list[str], seed: int, epoch: int) -> list[str]:
+    rng = np.random.default_rng([int(seed), int(epoch), 7])
+    return [qids[i] for i in rng.permutation(len(qids))]
+
+
+def batch_at(data: TrainingData, sampler, seed: int, micro_index: int, batch_size: int):
+    """The micro-batch number ``micro_index`` of the whole run (epochs chained; last partial batch dropped)."""
+    per_epoch = max(1, len(data.qids) // batch_size)
+    epoch, pos = divmod(micro_index, per_epoch)
+    order = epoch_order(data.qids, seed, epoch)
+    qids = order[pos * batch_size:(pos + 1) * batch_size]
+    groups = [data.group(q, sampler, seed, epoch) for q in qids]
+    return epoch, qids, groups
+
+
+def score_batch(encoder: SpladeEncoder, queries: list[str], docs: list[str], spec: TrainSpec):
+    q = encoder.encode_batch(queries, spec.query_max_length)
+    d = encoder.encode_batch(docs, spec.doc_max_length)
+    all_scores = q @ d.T  # (B, B*(1+n))
+    b = q.shape[0]
+    group = all_scores.view(b, b, -1)[torch.arange(b), torch.arange(b)]  # (B, 1+n)
+    return q, d, all_scores, group
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Trainer:
+    def __init__(self, encoder: SpladeEncoder, data: TrainingData, sampler, loss, regularizer, spec: TrainSpec,
+                 run: RunDir, seed: int):
+        spec.validate()
+        if getattr(loss, "needs_teacher", False) and data.teacher is None:
+            raise ConfigError("loss needs teacher scores but teacher=none; choose teacher=bi_encoder|cross_encoder|file")
+        self.encoder, self.data, self.sampler, self.loss, self.reg = encoder, data, sampler, loss, regularizer
+        self.spec, self.run, self.seed = spec, run, seed
+        self.vocab = encoder.vocab_size
+        from transformers import get_linear_schedule_with_warmup
+
+        self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, spec.warmup_steps, spec.max_steps)
+        self.bf16 = resolve_bf16(spec.bf16, encoder.device)
+        self.step = 0
+        self.nonfinite = 0
+        self.bad_checks = 0
+        self.collapsed: dict | None = None
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run.checkpoints / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {"model": self.encoder.mlm.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step, "nonfinite": self.nonfinite,
+                 "bad_checks": self.bad_checks, "rng": _rng_state(), "settings": self.encoder.settings}
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    def maybe_resume(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        state = torch.load(self.ckpt_path, map_location=self.encoder.device, weights_only=False)
+        self.encoder.mlm.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.nonfinite, self.bad_checks = state["step"], state["nonfinite"], state["bad_checks"]
+        _set_rng_state(state["rng"])
+        log.info("resumed training from %s at step %d", self.ckpt_path, self.step)
+        return True
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, record: dict) -> None:
+        self.run.train_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.run.train_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _check_collapse(self, q_terms: float, d_terms: float) -> None:
+        c = self.spec.collapse
+        dense = max(q_terms, d_terms) > c.dense_fraction * self.vocab
+        empty = min(q_terms, d_terms) < c.min_terms
+        self.bad_checks = self.bad_checks + 1 if (dense or empty) else 0
+        if self.bad_checks >= c.patience:
+            reason = "vectors nearly all active" if dense else "vectors all zero"
+            self.collapsed = {"collapsed": True, "step": self.step, "reason": reason,
+                              "query_terms": q_terms, "doc_terms": d_terms}
+
+    # ---------------------------------------------------------------- loop
+    def micro_step(self, micro_index: int) -> dict:
+        spec = self.spec
+        epoch, qids, groups = batch_at(self.data, self.sampler, self.seed, micro_index, spec.batch_size)
+        q_texts = [self.data.queries[q] for q in qids]
+        doc_ids = [d for docs, _ in groups for d in docs]
+        d_texts = [self.data.corpus.text(d) for d in doc_ids]
+        teacher = None
+        if self.data.teacher is not None:
+            teacher = torch.tensor([t for _, t in groups], dtype=torch.float32, device=self.encoder.device)
+        ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else _null()
+        with ctx:
+            q, d, all_scores, group = score_batch(self.encoder, q_texts, d_texts, spec)
+        all_scores, group = all_scores.float(), group.float()
+        rank_loss = self.loss(ScoredBatch(group, all_scores, teacher))
+        reg = self.reg(q.float(), d.float(), self.step)
+        total = rank_loss + reg["reg"]
+        with torch.no_grad():
+            stats = {"epoch": epoch, "loss": float(total), "rank_loss": float(rank_loss), "reg": float(reg["reg"]),
+                     "flops_q": float(reg["flops_q"]), "flops_d": float(reg["flops_d"]),
+                     "lambda_q": float(reg["lambda_q"]), "lambda_d": float(reg["lambda_d"]),
+                     "query_terms": float((q > 0).sum(1).float().mean()),
+                     "doc_terms": float((d > 0).sum(1).float().mean()),
+                     "doc_weight_mean": float(d[d > 0].mean()) if (d > 0).any() else 0.0,
+                     "doc_weight_max": float(d.max()),
+                     "score_gap": float((group[:, 0] - group[:, 1:].mean(1)).mean())}
+            for name, value in getattr(self.loss, "last_parts", {}).items():
+                stats[f"loss_{name}"] = value
+        return {"total": total, "stats": stats}
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        spec = self.spec
+        resumed = self.maybe_resume()
+        self.encoder.train()
+        start_time = time.time()
+        bar = tqdm(total=spec.max_steps, initial=self.step, desc="train", unit="step", mininterval=1)
+        last_stats: dict = {}
+        while self.step < spec.max_steps and self.collapsed is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = True
+            acc: dict[str, float] = {}
+            for micro in range(spec.grad_accum):
+                out = self.micro_step(self.step * spec.grad_accum + micro)
+                if not torch.isfinite(out["total"]):
+                    finite = False
+                    break
+                (out["total"] / spec.grad_accum).backward()
+                for k, v in out["stats"].items():
+                    acc[k] = acc.get(k, 0.0) + v / spec.grad_accum
+            if finite:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), spec.max_grad_norm)
+                finite = bool(torch.isfinite(grad_norm))
+                acc["grad_norm"] = float(grad_norm)
+            if not finite:
+                self.nonfinite += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss or gradient at step %d (%d so far)", self.step, self.nonfinite)
+                if spec.nonfinite == "stop" or self.nonfinite > spec.max_nonfinite:
+                    self.collapsed = {"collapsed": True, "step": self.step, "reason": "non-finite loss or gradients"}
+                    break
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            if finite:
+                last_stats = acc
+                bar.set_postfix(loss=f"{acc['loss']:.3f}", q_terms=f"{acc['query_terms']:.0f}",
+                                d_terms=f"{acc['doc_terms']:.0f}", refresh=False)
+                if self.step % spec.log_every == 0 or self.step == spec.max_steps:
+                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **acc})
+                if self.step % spec.collapse.check_every == 0:
+                    self._check_collapse(acc["query_terms"], acc["doc_terms"])
+            bar.update(1)
+            if self.step % spec.save_every == 0 or self.collapsed is not None:
+                self.save_checkpoint()
+        bar.close()
+        if self.collapsed is not None:
+            self.save_checkpoint()
+            log.error("training collapsed at step %d: %s (checkpoint kept at %s)", self.collapsed["step"],
+                      self.collapsed["reason"], self.ckpt_path)
+        elif self.step % spec.save_every != 0:
+            self.save_checkpoint()
+        return {"steps": self.step, "resumed": resumed, "nonfinite_steps": self.nonfinite,
+                "seconds": time.time() - start_time, "last": last_stats,
+                **(self.collapsed or {"collapsed": False})}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
