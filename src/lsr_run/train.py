@@ -53,6 +53,7 @@ class TrainSpec:
     query_max_length: int = 64
     doc_max_length: int = 256
     bf16: str = "auto"
+    dropout: float | None = None  # None keeps the backbone's; 0 turns dropout off (it is costly on CPU)
     log_every: int = 10
     save_every: int = 50
     nonfinite: str = "skip"  # skip | stop
@@ -148,6 +149,10 @@ class Trainer:
         self.encoder, self.data, self.sampler, self.loss, self.reg = encoder, data, sampler, loss, regularizer
         self.spec, self.run, self.seed = spec, run, seed
         self.vocab = encoder.vocab_size
+        if spec.dropout is not None:
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = spec.dropout
         from transformers import get_linear_schedule_with_warmup
 
         self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)

@@ -24,11 +24,13 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 
-# Where each architecture keeps the MLM head's hidden transform (dense + act + norm) before the decoder.
+# Where each architecture keeps the MLM head's hidden transform (dense -> activation -> norm) before the
+# decoder: (transform module, its dense layer, its norm layer).
 HEAD_TRANSFORMS = {
-    "BertForMaskedLM": "cls.predictions.transform",
-    "ModernBertForMaskedLM": "head",
-    "RobertaForMaskedLM": "lm_head.dense",
+    "BertForMaskedLM": ("cls.predictions.transform", "dense", "LayerNorm"),
+    "ModernBertForMaskedLM": ("head", "dense", "norm"),
+    "DistilBertForMaskedLM": ("", "vocab_transform", "vocab_layer_norm"),
+    "RobertaForMaskedLM": ("lm_head", "dense", "layer_norm"),
 }
 # Parameters whose absence marks a checkpoint as head-less.
 HEAD_KEY_MARKERS = ("cls.predictions.transform", "head.dense", "lm_head.dense", "vocab_transform")
@@ -63,18 +65,36 @@ def resolve_model_path(model_id: str) -> str:
 
 
 def head_transform_path(model: nn.Module) -> str | None:
-    return HEAD_TRANSFORMS.get(type(model).__name__)
+    entry = HEAD_TRANSFORMS.get(type(model).__name__)
+    return entry[0] if entry else None
 
 
+def head_norm(model: nn.Module) -> nn.Module | None:
+    entry = HEAD_TRANSFORMS.get(type(model).__name__)
+    if entry is None:
+        return None
+    base = model.get_submodule(entry[0]) if entry[0] else model
+    return getattr(base, entry[2], None)
+
+
+@torch.no_grad()
 def set_identity_head(model: nn.Module) -> None:
-    """Replace the head's hidden transform with the identity (logits = h @ E^T + b)."""
-    path = head_transform_path(model)
-    if path is None:
-        raise LsrError(f"no known MLM-head transform for {type(model).__name__}; "
-                       f"known: {', '.join(HEAD_TRANSFORMS)}")
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, nn.Identity())
+    """Initialise the head transform as the identity map: dense = I (bias 0), norm gamma = 1, beta = 0.
+
+    The transform keeps its activation and norm, so the decoder sees re-normalised hidden states; all of it is
+    ordinary weights, so save and reload need nothing special.
+    """
+    entry = HEAD_TRANSFORMS.get(type(model).__name__)
+    if entry is None:
+        raise LsrError(f"no known MLM-head transform for {type(model).__name__}; known: {', '.join(HEAD_TRANSFORMS)}")
+    base = model.get_submodule(entry[0]) if entry[0] else model
+    dense, norm = getattr(base, entry[1]), getattr(base, entry[2])
+    dense.weight.copy_(torch.eye(dense.weight.shape[0], dense.weight.shape[1]))
+    if dense.bias is not None:
+        dense.bias.zero_()
+    norm.weight.fill_(1.0)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.zero_()
 
 
 def decoder_bias(model: nn.Module) -> nn.Parameter | None:
@@ -83,12 +103,18 @@ def decoder_bias(model: nn.Module) -> nn.Parameter | None:
 
 def load_pretrained(model_id: str, revision: str | None = None):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(model_id)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model, info = AutoModelForMaskedLM.from_pretrained(path, revision=revision, output_loading_info=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a head-less checkpoint is reported once, by us, below
+        try:
+            model, info = AutoModelForMaskedLM.from_pretrained(path, revision=revision, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as e:
         hint = ("the Hugging Face hub is offline here (HF_HUB_OFFLINE=1)" if offline else
                 "it is neither a local folder nor reachable on the Hugging Face hub")
@@ -129,7 +155,7 @@ def load_backbone(spec: BackboneSpec, seed: int = 0):
     else:
         model, tokenizer, headless = load_pretrained(spec.model_id, spec.revision)
         if headless:
-            log.warning("backbone %s (%s) has no MLM head: tying a head to the input embeddings with an identity "
+            log.warning("backbone %s (%s) has no MLM head: tying one to the input embeddings with an identity "
                         "transform and decoder bias %.1f (backbone.headless_bias)",
                         spec.name, spec.model_id, spec.headless_bias)
             set_identity_head(model)

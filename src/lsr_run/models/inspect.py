@@ -35,16 +35,10 @@ PROBE_DOCS = [
 
 
 def _layernorm_gamma(model: nn.Module) -> float | None:
-    from .backbone import head_transform_path
+    from .backbone import head_norm
 
-    path = head_transform_path(model)
-    if path is None:
-        return None
-    module = model.get_submodule(path)
-    for sub in module.modules():
-        if isinstance(sub, nn.LayerNorm) and sub.weight is not None:
-            return float(sub.weight.detach().float().norm())
-    return None  # identity head: no LayerNorm
+    norm = head_norm(model)
+    return float(norm.weight.detach().float().norm()) if norm is not None else None
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import LsrError
-from .backbone import set_identity_head
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,23 @@ def splade_pool(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 class SpladeEncoder(nn.Module):
-    """SPLADE over any masked LM. ``forward`` -> (B, V) non-negative term weights."""
+    """SPLADE over any masked LM. ``forward`` -> (B, V) non-negative term weights.
 
-    def __init__(self, mlm: nn.Module, tokenizer, settings: dict | None = None):
+    ``chunk`` > 0 computes the vocabulary projection in chunks (``max_logits``): same output, peak memory
+    independent of the vocabulary size, faster backward. It applies to architectures whose head transform is a
+    module (BERT, ModernBERT); others use the full logits.
+    """
+
+    def __init__(self, mlm: nn.Module, tokenizer, settings: dict | None = None, chunk: int = 4096):
         super().__init__()
         self.mlm = mlm
         self.tokenizer = tokenizer
         self.settings = dict(settings or {})
+        self.chunk = chunk
+        from .backbone import head_transform_path
+
+        path = head_transform_path(mlm)
+        self._transform_path = path if path and chunk > 0 else None
 
     @property
     def device(self) -> torch.device:
@@ -67,7 +76,15 @@ class SpladeEncoder(nn.Module):
         return self.mlm(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return splade_pool(self.logits(input_ids, attention_mask), attention_mask).float()
+        if self._transform_path is None:
+            return splade_pool(self.logits(input_ids, attention_mask), attention_mask).float()
+        from .max_logits import max_logits
+
+        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        transform = self.mlm.get_submodule(self._transform_path)
+        decoder = self.mlm.get_output_embeddings()
+        top = max_logits(transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk)
+        return torch.log1p(torch.relu(top))
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
@@ -113,22 +130,12 @@ class SpladeEncoder(nn.Module):
     @classmethod
     def load(cls, path: Path) -> "SpladeEncoder":
         from transformers import AutoModelForMaskedLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         path = Path(path)
         if not (path / SETTINGS_FILE).exists():
             raise LsrError(f"model.path={path}: not an lsr-run model folder (no {SETTINGS_FILE}); "
                            f"it is written by the train stage into <run dir>/model")
         settings = json.loads((path / SETTINGS_FILE).read_text())
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # an identity head leaves the transform's keys 'missing' by design
-        try:
-            mlm = AutoModelForMaskedLM.from_pretrained(path)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if settings.get("identity_head"):
-            set_identity_head(mlm)
-            if mlm.config.tie_word_embeddings:
-                mlm.tie_weights()
+        mlm = AutoModelForMaskedLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(mlm, tokenizer, settings)

@@ -1,0 +1,68 @@
+"""SPLADE pooling: masking, max-before-activation, and the chunked max-logits projection."""
+
+import torch
+
+from lsr_run.models.max_logits import max_logits
+from lsr_run.models.splade import splade_pool
+
+from conftest import make_tiny_encoder
+
+
+def test_pool_ignores_padding():
+    logits = torch.tensor([[[1.0, -1.0], [5.0, 2.0], [9.0, 9.0]]])  # third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    out = splade_pool(logits, mask)
+    assert torch.allclose(out, torch.log1p(torch.tensor([[5.0, 2.0]])))
+
+
+def test_max_before_activation_equals_activation_before_max():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50) * 3
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    reference = torch.log1p(torch.relu(logits)).masked_fill(~mask.bool().unsqueeze(-1), 0).amax(1)
+    assert torch.equal(splade_pool(logits, mask), reference)
+
+
+def test_max_logits_matches_full_projection_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    weight = torch.randn(37, 8, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1, 1, 0, 0, 0, 0]])
+    full = (hidden @ weight.T + bias).masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
+    chunked = max_logits(hidden, weight, bias, mask, chunk=10)
+    assert torch.allclose(full, chunked, atol=1e-6)
+    g = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * g).sum(), [hidden, weight, bias])
+    grads_chunked = torch.autograd.grad((chunked * g).sum(), [hidden, weight, bias])
+    for a, b in zip(grads_full, grads_chunked):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_encoder_chunked_equals_full(tiny_kind):
+    chunked = make_tiny_encoder(tiny_kind, chunk=1000)
+    full = make_tiny_encoder(tiny_kind, chunk=0)
+    full.load_state_dict(chunked.state_dict())
+    chunked.eval()
+    full.eval()
+    texts = ["a short query", "a much longer document about sparse retrieval and lucene impact indexes"]
+    with torch.no_grad():
+        a = chunked.encode_batch(texts, 32)
+        b = full.encode_batch(texts, 32)
+    assert a.shape == (2, chunked.vocab_size)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a >= 0).all()
+
+
+def test_encode_batches_keep_input_order(tiny_encoder):
+    tiny_encoder.eval()
+    texts = ["x " * n for n in (1, 9, 3, 7, 2)]
+    seen = {}
+    for positions, weights in tiny_encoder.encode(texts, max_length=16, batch_size=2, bf16=False):
+        for p, w in zip(positions, weights):
+            seen[p] = w
+    assert sorted(seen) == list(range(5))
+    with torch.no_grad():
+        direct = tiny_encoder.encode_batch([texts[3]], 16)[0]
+    assert torch.allclose(seen[3], direct, atol=1e-5)

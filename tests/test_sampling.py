@@ -1,0 +1,69 @@
+"""Sampler contracts: size, no positives, determinism per seed, strata coverage, short pools."""
+
+import numpy as np
+import pytest
+
+from lsr_run.errors import ConfigError
+from lsr_run.sampling import RandomSampler, StratifiedSampler, TopKSampler, item_rng, softmax_entropy
+
+POOL = [f"d{i}" for i in range(20)]
+SCORES = np.linspace(10.0, 0.0, 20)  # d0 best ... d19 worst
+
+
+@pytest.mark.parametrize("sampler", [TopKSampler(4), RandomSampler(4), StratifiedSampler(4),
+                                     StratifiedSampler(4, strata="quantile"), TopKSampler(4, depth=10)])
+def test_size_membership_and_determinism(sampler):
+    a = sampler.sample(POOL, SCORES, item_rng(1, 0, "q1"))
+    b = sampler.sample(POOL, SCORES, item_rng(1, 0, "q1"))
+    assert a == b
+    assert len(a) == 4 and len(set(a)) == 4
+    assert set(a) <= set(POOL)
+    others = [tuple(sampler.sample(POOL, SCORES, item_rng(s, e, "q1"))) for s, e in [(2, 0), (1, 1), (3, 5)]]
+    if not isinstance(sampler, TopKSampler) or sampler.depth:
+        assert any(o != tuple(a) for o in others)  # seed and epoch change the draw
+
+
+def test_topk_takes_highest_scores():
+    shuffled = np.array(SCORES)[::-1].copy()  # now d19 has the best score
+    assert TopKSampler(3).sample(POOL, shuffled, item_rng(0, 0, "q")) == ["d19", "d18", "d17"]
+    assert TopKSampler(3).sample(POOL, None, item_rng(0, 0, "q")) == ["d0", "d1", "d2"]  # pool rank
+
+
+def test_stratified_covers_every_stratum():
+    sampler = StratifiedSampler(4)
+    for seed in range(20):
+        picked = sampler.sample(POOL, SCORES, item_rng(seed, 0, "q"))
+        strata = sorted(int(p[1:]) // 5 for p in picked)  # equal width: 5 candidates per stratum here
+        assert strata == [0, 1, 2, 3]
+
+
+def test_stratified_refills_empty_strata_from_neighbours():
+    scores = np.array([10.0, 9.9, 9.8, 9.7, 0.0])  # middle strata empty
+    picked = StratifiedSampler(4).sample(["a", "b", "c", "d", "e"], scores, item_rng(0, 0, "q"))
+    assert len(set(picked)) == 4 and "e" in picked
+
+
+def test_fewer_candidates_than_requested_repeats():
+    for sampler in (TopKSampler(5), RandomSampler(5), StratifiedSampler(5)):
+        picked = sampler.sample(["a", "b"], np.array([1.0, 0.0]), item_rng(0, 0, "q"))
+        assert len(picked) == 5 and set(picked) == {"a", "b"}
+
+
+def test_stratified_keeps_more_variance_than_topk():
+    rng = np.random.default_rng(0)
+    var_top, var_strat = [], []
+    for q in range(50):
+        scores = np.sort(rng.normal(size=100))[::-1]
+        pool = [f"d{i}" for i in range(100)]
+        for sampler, acc in ((TopKSampler(7), var_top), (StratifiedSampler(7), var_strat)):
+            picked = sampler.sample(pool, scores, item_rng(0, 0, str(q)))
+            acc.append(np.var([scores[int(p[1:])] for p in picked]))
+    assert np.mean(var_strat) > 5 * np.mean(var_top)
+
+
+def test_entropy_and_bad_config():
+    assert softmax_entropy(np.zeros(4)) == pytest.approx(np.log(4))
+    with pytest.raises(ConfigError, match="num_negatives"):
+        RandomSampler(0)
+    with pytest.raises(ConfigError, match="strata"):
+        StratifiedSampler(3, strata="log")
