@@ -49,6 +49,15 @@ class EvalDataset:
     irds_id: str | None = None
     path: str | None = None
     remove_self_hits: bool = False
+    max_queries: int | None = None  # keep the first N judged queries (by id): quick slices for tests
+
+
+def load_spec(spec: EvalDataset) -> Dataset:
+    ds = load_dataset(spec.name, spec.split, spec.irds_id, spec.path)
+    if spec.max_queries is not None:
+        keep = sorted(ds.qrels)[: spec.max_queries]
+        ds.qrels = {q: ds.qrels[q] for q in keep}
+    return ds
 
 
 @dataclass
@@ -84,8 +93,7 @@ class Experiment:
     # ---------------------------------------------------------------- pieces
     def dataset(self, key: str) -> Dataset:
         if key not in self._datasets:
-            spec = self.eval_sets[key]
-            self._datasets[key] = load_dataset(spec.name, spec.split, spec.irds_id, spec.path)
+            self._datasets[key] = load_spec(self.eval_sets[key])
         return self._datasets[key]
 
     def fresh_encoder(self) -> SpladeEncoder:
@@ -129,7 +137,7 @@ class Experiment:
 
         spec = structured(TrainSpec, self.cfg.train, "train")
         data_spec = structured(EvalDataset, self.cfg.data.train, "data.train")
-        dataset = load_dataset(data_spec.name, data_spec.split, data_spec.irds_id, data_spec.path)
+        dataset = load_spec(data_spec)
         positives = training_examples(dataset)
         candidates = instantiate(self.cfg.candidates)
         pools = candidates.pools(dataset, positives, self.run.candidates)

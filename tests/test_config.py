@@ -1,0 +1,70 @@
+"""Every option of every config group composes, and its _target_ builds; experiments compose too."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lsr_run.models.backbone import BackboneSpec
+from lsr_run.pipeline import EvalDataset, structured
+from lsr_run.train import TrainSpec
+
+from conftest import CONF_DIR
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "sweep"))
+INSTANTIATED = {"head_scaling", "sampling", "teacher", "loss", "regularizer", "index", "candidates"}
+REQUIRED_PATHS = {("teacher", "file"): ["teacher.path=/x.tsv"], ("candidates", "run_file"): ["candidates.path=/x"],
+                  ("candidates", "teacher_file"): ["candidates.path=/x"]}
+
+
+def options():
+    for group in GROUPS:
+        for f in sorted((CONF_DIR / group).glob("*.yaml")):
+            yield group, f.stem
+
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="run", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("group,option", list(options()))
+def test_every_option_composes(group, option):
+    if group == "experiment":
+        overrides = [f"experiment={option}"]
+    else:
+        overrides = [f"{group}={option}"] + REQUIRED_PATHS.get((group, option), [])
+    cfg = _compose(overrides)
+    node = cfg[group] if group != "experiment" else cfg
+    if group in INSTANTIATED:
+        obj = instantiate(node)
+        assert obj is not None
+    structured(BackboneSpec, cfg.backbone, "backbone")
+    structured(TrainSpec, cfg.train, "train")
+    for key, ds in cfg.eval.datasets.items():
+        structured(EvalDataset, ds, f"eval.datasets.{key}")
+
+
+def test_unknown_key_and_bad_type_are_named():
+    from lsr_run.errors import ConfigError
+
+    cfg = _compose([])
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.lrr = 1.0
+    with pytest.raises(ConfigError, match="train: Key 'lrr' not in 'TrainSpec'"):
+        structured(TrainSpec, cfg.train, "train")
+    cfg = _compose(["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train:.*lr"):
+        structured(TrainSpec, cfg.train, "train")
+
+
+def test_unknown_group_option_lists_valid_ones():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        _compose(["sampling=hardest"])
+    assert "stratified" in str(err.value) and "topk" in str(err.value)

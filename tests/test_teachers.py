@@ -1,0 +1,72 @@
+"""Teacher file formats parsed from small fixtures written here; normalisation; caching."""
+
+import gzip
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from lsr_run.errors import DataError
+from lsr_run.teachers import FileTeacher, normalize_scores, read_hard_negatives, read_scores
+
+
+def test_ce_score_pickle_gzip_ids_become_strings(tmp_path):
+    path = tmp_path / "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump({1: {10: 3.5, 11: -1.0}, 2: {12: 0.25}}, f)
+    assert read_scores(path) == {"1": {"10": 3.5, "11": -1.0}, "2": {"12": 0.25}}
+
+
+def test_plain_pickle(tmp_path):
+    path = tmp_path / "scores.pkl"
+    path.write_bytes(pickle.dumps({"q": {"d": 1}}))
+    assert read_scores(path) == {"q": {"d": 1.0}}
+
+
+def test_tsv_scores_with_header_and_bad_line(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text("qid\tpid\tscore\nq1\td1\t0.5\nq1\td2\t-2\n")
+    assert read_scores(path) == {"q1": {"d1": 0.5, "d2": -2.0}}
+    path.write_text("q1\td1\t0.5\nq1\td2\n")
+    with pytest.raises(DataError, match=r"scores.tsv:2"):
+        read_scores(path)
+
+
+def test_hard_negatives_jsonl(tmp_path):
+    path = tmp_path / "msmarco-hard-negatives.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"qid": 5, "pos": [7], "neg": {"bm25": [1, 2, 3], "msmarco-MiniLM-L-6-v3": [3, 4]}}) + "\n")
+    positives, candidates = read_hard_negatives(path)
+    assert positives == {"5": ["7"]}
+    assert candidates == {"5": ["1", "2", "3", "4"]}
+    _, only_bm25 = read_hard_negatives(path, systems=["bm25"])
+    assert only_bm25 == {"5": ["1", "2", "3"]}
+
+
+def test_normalizations():
+    scores = {"q": {"a": 1.0, "b": 3.0, "c": 5.0}}
+    assert normalize_scores(scores, "minmax") == {"q": {"a": 0.0, "b": 0.5, "c": 1.0}}
+    z = normalize_scores(scores, "zscore")["q"]
+    assert np.mean(list(z.values())) == pytest.approx(0.0)
+    assert np.std(list(z.values())) == pytest.approx(1.0)
+    assert normalize_scores(scores, "none") is scores
+
+
+def test_file_teacher_ids_matching_nothing_is_an_error(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text("x1\ty1\t1.0\n")
+    teacher = FileTeacher(path=str(path))
+    with pytest.raises(DataError, match="no \\(query id, doc id\\) pair matches"):
+        teacher.score({"q": "text"}, None, {"q": ["d"]}, tmp_path / "cache")
+
+
+def test_file_teacher_caches_by_content(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text("q\td1\t1.0\nq\td2\t2.0\n")
+    teacher = FileTeacher(path=str(path), cache_dir=str(tmp_path / "shared"))
+    got = teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run")
+    assert got == {"q": {"d1": 1.0, "d2": 2.0}}
+    assert len(list((tmp_path / "shared").glob("*.json"))) == 1
+    path.unlink()  # a second run with the same pairs is served from the cache
+    assert teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run2") == got
