@@ -41,3 +41,24 @@ test-fast: $(STAMP) ## unit tests only (tiny random models, no Java)
 
 clean: ## remove outputs (keeps .venv)
 	rm -rf outputs/*/ multirun/
+
+# ---------------------------------------------------------------- paper tables
+TABLES := outputs/tables
+
+table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / inflated x16 / corrected / bias 0 runs on scifact (~40 min)
+	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu
+	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(TABLES)/head_scaling_cpu/table --baseline plain
+
+table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives, bi-encoder teacher, on scifact (CPU, ~30 min)
+	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu
+	$(PY) scripts/collect.py $(TABLES)/sampling_cpu --out $(TABLES)/sampling_cpu/table --baseline topk_s1 --extra sampling_stats
+
+table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head scaling x 3 seeds (GPU + internet, days)
+	$(LSR) stages=[inspect] backbone=bert_base_uncased hydra.run.dir=$(TABLES)/head_scaling/inspect_bert
+	REF_NORM=$$($(PY) -c "import json;print(json.load(open('$(TABLES)/head_scaling/inspect_bert/inspect.json'))['options']['configured']['head']['decoder_frobenius'])") \
+	  $(PY) scripts/sweep.py conf/sweep/head_scaling_paper.yaml --out $(TABLES)/head_scaling
+	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(TABLES)/head_scaling/table --baseline none_bert_base_uncased_s1
+
+table-sampling: $(STAMP) ## the stratified-sampling table: sampler x loss x 3 seeds on MS MARCO (GPU + internet, days)
+	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling
+	$(PY) scripts/collect.py $(TABLES)/sampling --out $(TABLES)/sampling/table --baseline topk_kl_div_s1

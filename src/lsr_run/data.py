@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import logging
 import os
@@ -83,34 +82,30 @@ def resolve(name: str, irds_id: str | None = None, path: str | None = None) -> t
 
 # ---------------------------------------------------------------- BEIR folders
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
-
-
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; errors name the file and line."""
-    with _open_text(path) as f:
-        lineno = 0
-        while True:
-            lineno += 1
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            except (OSError, EOFError) as e:
-                raise DataError(f"{path}: cannot be read ({e})") from None
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    """(line number, object) for each non-blank line; errors name the file and line.
+
+    Lines are read as bytes and decoded one by one, so a bad byte is reported on its own line.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
 
 
 def _id_of(obj: dict, path: Path, lineno: int) -> str:

@@ -50,6 +50,7 @@ class EvalDataset:
     path: str | None = None
     remove_self_hits: bool = False
     max_queries: int | None = None  # keep the first N judged queries (by id): quick slices for tests
+    metrics: list[str] | None = None  # this dataset's metrics, when they differ from eval.metrics
 
 
 def load_spec(spec: EvalDataset) -> Dataset:
@@ -68,10 +69,33 @@ class Timer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + value
 
 
+def build(node, key: str):
+    """``instantiate`` with errors named by config key (Hydra wraps constructor errors)."""
+    from hydra.errors import InstantiationException
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, LsrError):
+            raise type(cause)(str(cause)) from None
+        raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
 class Experiment:
-    """Holds the composed config, the run directory and lazily built pieces (encoder, datasets, backend)."""
+    """Holds the composed config, the run directory and lazily built pieces (encoder, datasets, backend).
+
+    Everything the config describes is validated here, before any stage runs: schemas of plain-data sections
+    (unknown keys, wrong types), every ``_target_`` built once (out-of-range values), and cross-key rules.
+    """
 
     def __init__(self, cfg: DictConfig, root: Path):
+        from .train import TrainSpec
+
         self.cfg = cfg
         self.run = RunDir(Path(root))
         self.seed = int(cfg.seed)
@@ -82,9 +106,26 @@ class Experiment:
         self.stages = [s for s in STAGES if s in stages]
         self.backbone = structured(BackboneSpec, cfg.backbone, "backbone")
         self.encode_spec = structured(EncodeSpec, cfg.encode, "encode")
-        self.backend = instantiate(cfg.index)
+        self.backend = build(cfg.index, "index")
         self.eval_sets = {key: structured(EvalDataset, node, f"eval.datasets.{key}")
                           for key, node in (cfg.eval.datasets or {}).items()}
+        build(cfg.head_scaling, "head_scaling")
+        if "train" in self.stages:
+            self.train_spec = structured(TrainSpec, cfg.train, "train")
+            self.train_spec.validate()
+            self.data_spec = structured(EvalDataset, cfg.data.train, "data.train")
+            self.candidates = build(cfg.candidates, "candidates")
+            self.teacher = build(cfg.teacher, "teacher")
+            self.sampler = build(cfg.sampling, "sampling")
+            self.loss = build(cfg.loss, "loss")
+            self.regularizer = build(cfg.regularizer, "regularizer")
+            if getattr(self.loss, "needs_teacher", False) and not self.teacher.enabled:
+                raise ConfigError(f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} needs teacher scores but teacher=none; "
+                                  "choose teacher=bi_encoder|cross_encoder|file or a loss without teacher (infonce)")
+            depth = getattr(self.candidates, "depth", None)
+            if depth is not None and self.sampler.num_negatives > depth:
+                raise ConfigError(f"sampling.num_negatives={self.sampler.num_negatives} is larger than the candidate "
+                                  f"pool (candidates.depth={depth})")
         self.timer = Timer()
         self._encoder: SpladeEncoder | None = None
         self._datasets: dict[str, Dataset] = {}
@@ -99,7 +140,7 @@ class Experiment:
     def fresh_encoder(self) -> SpladeEncoder:
         """The backbone as configured, head scaling applied, before any optimizer exists."""
         mlm, tokenizer, settings = load_backbone(self.backbone, self.seed)
-        scaling = instantiate(self.cfg.head_scaling)
+        scaling = build(self.cfg.head_scaling, "head_scaling")
         record = scaling.apply(mlm, inflate=self.backbone.head_inflate)
         settings["head_scaling"] = record
         rd.write_json(self.run.head_scaling, record)
@@ -133,20 +174,17 @@ class Experiment:
             self.train_result = rd.read_json(self.run.train_state)
             log.info("train: done already (%s)", self.run.train_state)
             return
-        from .train import Trainer, TrainingData, TrainSpec
+        from .train import Trainer, TrainingData
 
-        spec = structured(TrainSpec, self.cfg.train, "train")
-        data_spec = structured(EvalDataset, self.cfg.data.train, "data.train")
-        dataset = load_spec(data_spec)
+        spec = self.train_spec
+        dataset = load_spec(self.data_spec)
         positives = training_examples(dataset)
-        candidates = instantiate(self.cfg.candidates)
-        pools = candidates.pools(dataset, positives, self.run.candidates)
-        teacher = instantiate(self.cfg.teacher)
+        pools = self.candidates.pools(dataset, positives, self.run.candidates)
         scores = None
-        if teacher.enabled:
+        if self.teacher.enabled:
             pairs = {q: positives[q] + pools[q] for q in positives if q in pools}
-            scores = teacher.score(dataset.queries, dataset.corpus, pairs, self.run.root / "teacher")
-        sampler = instantiate(self.cfg.sampling)
+            scores = self.teacher.score(dataset.queries, dataset.corpus, pairs, self.run.root / "teacher")
+        sampler = self.sampler
         data = TrainingData(dataset.queries, positives, pools, dataset.corpus, scores)
         if scores is not None:
             from .sampling_stats import record_sampling_stats
@@ -155,11 +193,14 @@ class Experiment:
         encoder = self.fresh_encoder().to(device())
         from .models.inspect import head_report, probe_report
 
-        rd.write_json(self.run.root / "init_report.json",
-                      {"head": head_report(encoder.mlm), "probe": probe_report(encoder, self.encode_spec)})
-        loss = instantiate(self.cfg.loss)
-        regularizer = instantiate(self.cfg.regularizer)
-        trainer = Trainer(encoder, data, sampler, loss, regularizer, spec, self.run, self.seed)
+        init = {"head": head_report(encoder.mlm), "probe": probe_report(encoder)}
+        rd.write_json(self.run.root / "init_report.json", init)
+        log.info("head at init: |W|_F %.1f, row norm mean %.3f, bias mean %s; probe queries: %.0f active terms, "
+                 "%.3f positive logits; docs: %.0f active terms, L1 %.1f", init["head"]["decoder_frobenius"],
+                 init["head"]["row_norm_mean"], init["head"].get("bias_mean"),
+                 init["probe"]["queries"]["active_terms"], init["probe"]["queries"]["positive_fraction"],
+                 init["probe"]["docs"]["active_terms"], init["probe"]["docs"]["l1"])
+        trainer = Trainer(encoder, data, sampler, self.loss, self.regularizer, spec, self.run, self.seed)
         result = trainer.train()
         result["train_queries"] = len(data.qids)
         with rd.atomic_path(self.run.model) as tmp:
@@ -224,7 +265,7 @@ class Experiment:
             run = read_trec_run(self.run.run_file(key)) if self.run.run_file(key).exists() else {}
             if spec.remove_self_hits:
                 run = remove_self_hits(run)
-            means, per_query = evaluate_run(ds.qrels, run, metrics_cfg)
+            means, per_query = evaluate_run(ds.qrels, run, spec.metrics or metrics_cfg)
             rd.write_json(self.run.per_query(key), per_query)
             entry = dict(means)
             if self.backend.needs_vectors:

@@ -128,6 +128,7 @@ class Teacher:
     """Base: ``score(queries, corpus, pairs)`` -> {qid: {doc id: score}} for every requested pair."""
 
     normalize: str = "none"
+    scale: float = 1.0  # multiplies (normalised) scores: puts e.g. cosine similarities on the student's scale
     cache_dir: str | None = None
 
     kind = "none"
@@ -135,6 +136,8 @@ class Teacher:
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"teacher.normalize={self.normalize}: allowed {', '.join(NORMALIZATIONS)}")
+        if not self.scale > 0:
+            raise ConfigError(f"teacher.scale={self.scale}: must be > 0")
 
     @property
     def enabled(self) -> bool:
@@ -160,7 +163,10 @@ class Teacher:
 
             for place in places:
                 write_json(place, raw)
-        return normalize_scores(raw, self.normalize)
+        scores = normalize_scores(raw, self.normalize)
+        if self.scale != 1.0:
+            scores = {q: {d: v * self.scale for d, v in docs.items()} for q, docs in scores.items()}
+        return scores
 
 
 @dataclass

@@ -58,9 +58,10 @@ def head_report(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def probe_report(encoder, encode_spec=None) -> dict:
+def probe_report(encoder) -> dict:
     from .splade import splade_pool
 
+    was_training = encoder.training
     encoder.eval()
     out = {}
     for name, texts, max_len in (("queries", PROBE_QUERIES, 64), ("docs", PROBE_DOCS, 256)):
@@ -72,6 +73,7 @@ def probe_report(encoder, encode_spec=None) -> dict:
         out[name] = {"logit_mean": float(real.mean()), "logit_max": float(real.max()),
                      "positive_fraction": float((real > 0).float().mean()),
                      "active_terms": float((reps > 0).sum(1).float().mean()), "l1": float(reps.sum(1).mean())}
+    encoder.train(was_training)
     return out
 
 

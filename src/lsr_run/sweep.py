@@ -1,0 +1,94 @@
+"""Sweeps stored as YAML: named runs x grid x seeds, each an ``lsr-run`` invocation in its own directory.
+
+A sweep file holds ``base`` (overrides shared by every run), ``runs`` (name -> overrides), optional ``grid``
+(key -> list of values, crossed with every run) and ``seeds``. Runs are launched one after another as
+subprocesses into ``<out>/<run name>[_<grid values>][_s<seed>]``; a finished run is skipped (its stages skip
+themselves), so re-launching a killed sweep resumes it. A failed run is recorded (``failed.json``) and the
+sweep goes on. Hydra's own multirun (``lsr-run -m ...``) works as well; this file form keeps a paper table's
+exact list of runs in one reviewed place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .errors import ConfigError
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    overrides: list[str]
+
+
+def plan(sweep_file: Path, extra: list[str] | None = None) -> list[PlannedRun]:
+    spec = OmegaConf.to_container(OmegaConf.load(sweep_file), resolve=True)
+    unknown = set(spec) - {"base", "runs", "grid", "seeds", "description"}
+    if unknown:
+        raise ConfigError(f"{sweep_file}: unknown keys {sorted(unknown)}; allowed base, runs, grid, seeds, description")
+    base = list(spec.get("base") or []) + list(extra or [])
+    runs = spec.get("runs") or {"run": []}
+    grid = spec.get("grid") or {}
+    seeds = spec.get("seeds") or [None]
+    planned = []
+    for (name, overrides), values, seed in itertools.product(runs.items(), itertools.product(*grid.values()), seeds):
+        label = name
+        cells = [f"{k}={v}" for k, v in zip(grid, values)]
+        if cells:
+            label += "_" + "_".join(str(v).replace("/", "-") for v in values)
+        if seed is not None:
+            label += f"_s{seed}"
+            cells.append(f"seed={seed}")
+        planned.append(PlannedRun(label, base + list(overrides or []) + cells))
+    return planned
+
+
+def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run: bool = False) -> list[dict]:
+    out = Path(out)
+    results = []
+    for run in plan(sweep_file, extra):
+        run_dir = out / run.name
+        cmd = [sys.executable, "-m", "lsr_run.cli", *run.overrides, f"hydra.run.dir={run_dir}"]
+        print(f"[sweep] {run.name}: lsr-run {' '.join(run.overrides)}", flush=True)
+        if dry_run:
+            results.append({"name": run.name, "overrides": run.overrides})
+            continue
+        if (run_dir / "metrics.json").exists() and (run_dir / "timings.json").exists() and \
+                json.loads((run_dir / "timings.json").read_text()).get("evaluate") is not None:
+            print(f"[sweep] {run.name}: finished already", flush=True)
+            results.append({"name": run.name, "status": "done"})
+            continue
+        start = time.time()
+        proc = subprocess.run(cmd, env=dict(os.environ))
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        if proc.returncode != 0 and not (run_dir / "failed.json").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "failed.json").write_text(json.dumps({"error": status, "overrides": run.overrides}) + "\n")
+        results.append({"name": run.name, "status": status, "seconds": time.time() - start})
+        print(f"[sweep] {run.name}: {status} in {time.time() - start:.0f}s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run a sweep YAML (conf/sweep/*.yaml) run by run")
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="extra overrides appended to every run")
+    args = parser.parse_args(argv)
+    launch(args.sweep, args.out, args.overrides, args.dry_run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Robustness: config errors before any work, kill-and-resume, no silent overwrite, numeric faults, collapse.
+
+These runs use a tiny random BERT, a toy BEIR dataset, candidates from a TREC run file and the brute-force
+backend: no Java, seconds per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lsr_run.errors import ConfigError
+
+from conftest import CONF_DIR, ROOT, write_beir
+
+WORDS = ("sparse dense retrieval lucene index query document term weight model train neural network vector "
+         "score rank search engine corpus token vocabulary head norm scale logit entropy variance teacher "
+         "student negative positive sample stratified random hard batch").split()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    rng = random.Random(0)
+    docs = {f"d{i}": ("", " ".join(rng.choices(WORDS, k=30))) for i in range(40)}
+    queries = {f"q{i}": " ".join(rng.choices(WORDS, k=5)) for i in range(16)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(16)}
+    data = tmp_path / "data"
+    write_beir(data / "toy", docs, queries, qrels, split="train")
+    write_beir(data / "toytest", docs, queries, qrels, split="test")
+    run = tmp_path / "candidates.trec"
+    with open(run, "w") as f:
+        for q in queries:
+            for rank, d in enumerate(rng.sample(sorted(docs), 12), 1):
+                f.write(f"{q} Q0 {d} {rank} {20 - rank} bm25\n")
+    return {"data": data, "candidates": run}
+
+
+def toy_overrides(toy, steps=6):
+    return ["backbone=tiny_bert", "index=brute_force", "candidates=run_file", f"candidates.path={toy['candidates']}",
+            "data.train.name=toy", "data.train.irds_id=null", "eval.datasets={toytest: {name: toytest, split: test}}",
+            f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=2", "train.log_every=1",
+            "train.warmup_steps=1", "regularizer.warmup_steps=3", "train.doc_max_length=48", "train.bf16=false",
+            "encode.doc_max_length=48", "encode.bf16=false", "train.lr=1e-3"]
+
+
+def cli(args, env_extra=None, wait=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "lsr_run.cli", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from lsr_run.plots import read_train_log
+
+    return {r["step"]: r["loss"] for r in read_train_log(run_dir / "train_log.jsonl")}
+
+
+def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
+    env = {"LSR_DATA_DIR": str(toy["data"])}
+    straight = tmp_path / "straight"
+    proc = cli(toy_overrides(toy, steps=8) + [f"hydra.run.dir={straight}"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    p = cli(toy_overrides(toy, steps=8) + [f"hydra.run.dir={killed}"], env, wait=False)
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill right after the step-4 checkpoint landed (steps 5.. in flight)
+        if ckpt.exists() and losses(killed) and max(losses(killed)) >= 5:
+            break
+        if p.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {p.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "metrics.json").exists()
+    assert not list(killed.rglob("*.tmp-*")) or all(".tmp-" in x.name for x in killed.rglob("*.tmp-*"))
+    state = torch.load(ckpt, weights_only=False)
+    assert 0 < state["step"] < 8
+
+    proc = cli(toy_overrides(toy, steps=8) + [f"hydra.run.dir={killed}"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = losses(straight), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    ma = json.loads((straight / "metrics.json").read_text())["toytest"]
+    mb = json.loads((killed / "metrics.json").read_text())["toytest"]
+    assert mb["ndcg@10"] == pytest.approx(ma["ndcg@10"], abs=1e-6)
+    assert json.loads((killed / "train_state.json").read_text())["resumed"] is True
+
+
+def test_finished_run_is_never_overwritten_silently(toy, tmp_path):
+    env = {"LSR_DATA_DIR": str(toy["data"])}
+    run_dir = tmp_path / "run"
+    assert cli(toy_overrides(toy, steps=2) + [f"hydra.run.dir={run_dir}"], env).returncode == 0
+    before = (run_dir / "metrics.json").read_text()
+    # the same config resumes: every stage is complete, nothing is recomputed
+    again = cli(toy_overrides(toy, steps=2) + [f"hydra.run.dir={run_dir}"], env)
+    assert again.returncode == 0 and "train: done already" in again.stderr
+    # a different config is refused, with the differing key named, and nothing is touched
+    other = cli(toy_overrides(toy, steps=2) + ["train.lr=5e-4", f"hydra.run.dir={run_dir}"], env)
+    assert other.returncode == 2
+    assert "different config (differs in: train)" in other.stderr and "force=true" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert (run_dir / "metrics.json").read_text() == before
+    forced = cli(toy_overrides(toy, steps=2) + ["train.lr=5e-4", "force=true", f"hydra.run.dir={run_dir}"], env)
+    assert forced.returncode == 0
+
+
+def _experiment(overrides, tmp_path):
+    from lsr_run.pipeline import Experiment
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=overrides)
+    return Experiment(cfg, tmp_path / "x")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lr=-1"], "train.lr=-1.0: out of range"),
+    (["train.batch_size=abc"], "train: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["head_scaling=constant", "head_scaling.k=0"], "head_scaling.k=0: must be > 0"),
+    (["sampling.num_negatives=80"], "sampling.num_negatives=80 is larger than the candidate pool (candidates.depth=50)"),
+    (["loss=kl_div"], "needs teacher scores but teacher=none"),
+    (["regularizer.lambda_d=-0.1"], "regularizer.lambda_d=-0.1: must be >= 0"),
+    (["stages=[train,dance]"], "stages: unknown ['dance']"),
+    (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
+])
+def test_bad_config_values_named_before_any_work(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _experiment(overrides, tmp_path)
+    assert message in str(err.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_key_rejected_by_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="train.lrr"):
+            compose(config_name="run", overrides=["train.lrr=1"])
+
+
+def test_external_failures_give_one_clear_message(toy, tmp_path):
+    env = {"LSR_DATA_DIR": str(toy["data"])}
+    jvm = cli(["experiment=bm25", "eval.datasets={toytest: {name: toytest}}", f"hydra.run.dir={tmp_path / 'j'}"],
+              {**env, "LSR_JAVA": str(tmp_path / "no-java")})
+    assert jvm.returncode == 2 and "JVM" in jvm.stderr and "LSR_JAVA" in jvm.stderr
+    assert "Traceback" not in jvm.stderr
+    hub = cli(["stages=[inspect]", "backbone=bert_base_uncased", f"hydra.run.dir={tmp_path / 'h'}"], env)
+    assert hub.returncode == 2 and "cannot be loaded" in hub.stderr and "backbone.model_id" in hub.stderr
+    assert "Traceback" not in hub.stderr
+    data = cli(["experiment=bm25", "eval.datasets={nope: {name: nope}}", f"hydra.run.dir={tmp_path / 'd'}"], env)
+    assert data.returncode == 2 and "LSR_DATA_DIR" in data.stderr and "Traceback" not in data.stderr
+
+
+class _NaNAt:
+    """A ranking loss that returns NaN on chosen calls: a numeric fault on demand."""
+
+    needs_teacher = False
+
+    def __init__(self, bad_calls):
+        from lsr_run.losses import InfoNCE
+
+        self.inner, self.bad, self.calls = InfoNCE(), set(bad_calls), 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        value = self.inner(batch)
+        return value * float("nan") if self.calls in self.bad else value
+
+
+def _trainer(tmp_path, loss, **spec_overrides):
+    from lsr_run.losses import FlopsRegularizer
+    from lsr_run.run_dir import RunDir
+    from lsr_run.sampling import RandomSampler
+    from lsr_run.train import CollapseSpec, Trainer, TrainingData, TrainSpec
+
+    from conftest import make_tiny_encoder
+
+    class Corpus:
+        def text(self, d):
+            return f"document {d} about " + " ".join(WORDS[int(d[1:]) % len(WORDS):][:6])
+
+    docs = [f"d{i}" for i in range(20)]
+    data = TrainingData({f"q{i}": f"query {WORDS[i]}" for i in range(8)}, {f"q{i}": [f"d{i}"] for i in range(8)},
+                        {f"q{i}": [d for d in docs if d != f"d{i}"] for i in range(8)}, Corpus())
+    spec = TrainSpec(batch_size=4, max_steps=6, doc_max_length=24, bf16="false", save_every=100, log_every=1,
+                     warmup_steps=0, collapse=CollapseSpec(**spec_overrides.pop("collapse", {})), **spec_overrides)
+    return Trainer(make_tiny_encoder("bert"), data, RandomSampler(2), loss, FlopsRegularizer(warmup_steps=0), spec,
+                   RunDir(tmp_path / "run"), seed=0)
+
+
+def test_nonfinite_loss_skipped_and_counted(tmp_path):
+    result = _trainer(tmp_path, _NaNAt({2, 4}), nonfinite="skip").train()
+    assert result["steps"] == 6 and result["nonfinite_steps"] == 2 and result["collapsed"] is False
+
+
+def test_nonfinite_loss_stops_when_asked(tmp_path):
+    result = _trainer(tmp_path, _NaNAt({3}), nonfinite="stop").train()
+    assert result["collapsed"] is True and result["step"] == 2 and "non-finite" in result["reason"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_collapse_fires_on_synthetic_collapse_not_on_healthy_run(tmp_path):
+    from lsr_run.losses import InfoNCE
+
+    healthy = _trainer(tmp_path / "a", InfoNCE(), collapse={"check_every": 1, "patience": 2}).train()
+    assert healthy["collapsed"] is False
+    t = _trainer(tmp_path / "b", InfoNCE(), collapse={"check_every": 1, "patience": 3})
+    for _ in range(2):
+        t._check_collapse(q_terms=t.vocab * 0.9, d_terms=t.vocab * 0.95)
+    assert t.collapsed is None  # below patience
+    t._check_collapse(q_terms=t.vocab * 0.9, d_terms=t.vocab * 0.95)
+    assert t.collapsed["reason"] == "vectors nearly all active"
+    t2 = _trainer(tmp_path / "c", InfoNCE(), collapse={"check_every": 1, "patience": 1})
+    t2._check_collapse(q_terms=0.0, d_terms=12.0)
+    assert t2.collapsed["reason"] == "vectors all zero"
+    # a whole run whose vectors are "too dense" by a strict threshold stops, keeps its checkpoint
+    strict = _trainer(tmp_path / "d", InfoNCE(), collapse={"check_every": 1, "patience": 2, "dense_fraction": 1e-6})
+    out = strict.train()
+    assert out["collapsed"] is True and out["step"] == 2
+    assert (tmp_path / "d" / "run" / "checkpoints" / "last.pt").exists()
