@@ -569,7 +569,7 @@ def to_markdown(table: Table) -> str:
 
 def to_csv(table: Table) -> str:
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv.writer(out, lineterminator="\n")
     header = ["run", "status", "collapsed"]
     for d in table.datasets:
         header += [d, f"{d} p", f"{d} sig"]

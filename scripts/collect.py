@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Collect a sweep (or run directories) into one table: table.md, table.csv, table.tex and table.png.
+
+    scripts/collect.py outputs/sweeps/demo/2026-01-01_00-00-00 --baseline 0
+    scripts/collect.py outputs/bm25-local outputs/demo-try1 --include-baselines --baseline bm25 --out tables/
+
+Rows are labelled by the config choices that differ between runs; failed, unfinished and collapsed runs stay
+in the table, marked. The logic lives in lsr_run.collect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lsr_run.collect import LABEL_SOURCES, STAT_TESTS, build_table, load_records, to_markdown, write_outputs
+from lsr_run.errors import LsrError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="a Hydra multirun directory, or run directories")
+    parser.add_argument("--out", type=Path, help="output folder (default: <path>/collected for one path)")
+    parser.add_argument("--metric", default="ndcg@10", help="ranx metric name shown per dataset (default ndcg@10)")
+    parser.add_argument("--baseline", help="row to test the others against: its index, label or folder name")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    parser.add_argument("--bonferroni", action="store_true",
+                        help="divide alpha by the number of rows compared with the baseline")
+    parser.add_argument("--test", choices=STAT_TESTS, default="student",
+                        help="paired t-test (default) or Fisher randomisation test, both from ranx")
+    parser.add_argument("--include-baselines", action="store_true",
+                        help="add the baselines each run evaluated (baselines/<name>/) as rows")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME[:KEY,...]",
+                        help="add the numbers of <run>/NAME.json as columns (e.g. sampling_stats); repeatable")
+    parser.add_argument("--label-from", choices=LABEL_SOURCES, default="auto",
+                        help="row labels: differing overrides (auto: when every run has .hydra/overrides.yaml, "
+                             "else differing config keys), or the run folder names")
+    parser.add_argument("--recompute", action="store_true",
+                        help="score a metric missing from metrics.json from runs/*.trec and the qrels "
+                             "(loads each dataset)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out is None:
+        if len(args.paths) != 1:
+            print("collect: give --out when collecting several paths", file=sys.stderr)
+            return 2
+        args.out = args.paths[0] / "collected"
+    try:
+        records = load_records(args.paths, include_baselines=args.include_baselines, label_from=args.label_from)
+        table = build_table(records, metric=args.metric, baseline=args.baseline, alpha=args.alpha,
+                            bonferroni=args.bonferroni, test=args.test, recompute=args.recompute,
+                            extras=args.extra)
+        paths = write_outputs(table, args.out)
+    except LsrError as e:
+        print(f"collect: {e}", file=sys.stderr)
+        return 2
+    print(to_markdown(table))
+    print("rows (for --baseline): " + "; ".join(f"{i}: {row.label}" for i, row in enumerate(table.rows)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
