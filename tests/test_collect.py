@@ -1,0 +1,351 @@
+"""Collecting run directories into tables, significance marks, and checks against expected numbers.
+
+Run directories are built by hand in tmp_path (metrics.json, runs/*.trec, per_query/*.json, .hydra/), with
+per-query values from the real evaluator on a tiny BEIR-layout dataset; no Java, no model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lsr_run.collect import (BETTER, CELL_FAIL, CELL_OK, CELL_SKIP, WORSE, build_table, check_expected,
+                             expected_passed, load_records, paired_test, to_csv, to_latex, to_markdown,
+                             write_outputs)
+from lsr_run.data import load_dataset, write_trec_run
+from lsr_run.errors import LsrError
+from lsr_run.evaluation import evaluate_run
+
+from conftest import CONF_DIR, ROOT, write_beir
+
+QUERIES = 30
+DATASET = "tiny"
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """30 queries, each with one relevant document among 60."""
+    docs = {f"d{i}": (f"title {i}", f"text of document {i}") for i in range(60)}
+    queries = {f"q{i}": f"query {i}" for i in range(QUERIES)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(QUERIES)}
+    return write_beir(tmp_path / "data" / DATASET, docs, queries, qrels)
+
+
+def ranking(relevant_rank: int, qid: int) -> list[tuple[str, float]]:
+    """10 hits with query i's relevant document d{i} at ``relevant_rank`` (1-based; 0: absent)."""
+    others = [f"d{(qid + k) % 60}" for k in range(30, 40)]
+    hits = others[:9] if relevant_rank else others
+    if relevant_rank:
+        hits.insert(relevant_rank - 1, f"d{qid}")
+    return [(doc, float(10 - r)) for r, doc in enumerate(hits)]
+
+
+def make_run(root: Path, overrides: list[str] | None, ranks: dict[int, int] | None = None,
+             dataset_dir: Path | None = None, config: dict | None = None, collapsed: bool | None = None,
+             failed: str | None = None, choices: dict | None = None, stored_metrics=("ndcg@10", "mrr@10"),
+             extra_metrics: dict | None = None) -> Path:
+    """A run directory; ``ranks`` (query index -> rank of its relevant document) produces runs/, per_query/ and
+    metrics.json through the real evaluator."""
+    root.mkdir(parents=True)
+    if overrides is not None:
+        (root / ".hydra").mkdir()
+        (root / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (root / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"runtime": {"choices": {"experiment": None, "hydra/launcher": "basic", **(choices or {})}}}}))
+    config = dict(config or {})
+    if dataset_dir is not None:
+        config.setdefault("eval", {})["datasets"] = {DATASET: {"name": DATASET, "split": "test",
+                                                               "path": str(dataset_dir)}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if failed is not None:
+        (root / "failed.json").write_text(json.dumps({"error": failed, "type": "DataError"}))
+    if ranks is not None:
+        run = {f"q{i}": ranking(r, i) for i, r in ranks.items()}
+        write_trec_run(root / "runs" / f"{DATASET}.trec", run)
+        qrels = {f"q{i}": {f"d{i}": 1} for i in range(QUERIES)}
+        means, per_query = evaluate_run(qrels, {q: dict(h) for q, h in run.items()}, list(stored_metrics))
+        (root / "per_query").mkdir()
+        (root / "per_query" / f"{DATASET}.json").write_text(json.dumps(per_query))
+        metrics = {DATASET: {**means, "query_terms": 12.0, "doc_terms": 80.0, "queries": len(per_query)},
+                   **(extra_metrics or {})}
+        if collapsed is not None:
+            metrics["collapsed"] = collapsed
+        (root / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+GOOD = {i: 1 for i in range(QUERIES)}  # relevant document first for every query
+POOR = {i: 2 + i % 5 for i in range(QUERIES)}  # relevant document second to sixth
+
+
+# ---------------------------------------------------------------- labels and rows
+
+def test_sweep_rows_are_labelled_by_the_overrides_that_differ(tmp_path, tiny_dataset):
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", ["experiment=bm25", "index.k1=0.9"], POOR, tiny_dataset)
+    make_run(sweep / "1", ["experiment=bm25", "index.k1=1.2"], GOOD, tiny_dataset)
+    make_run(sweep / "10", ["experiment=bm25"], POOR, tiny_dataset, config={"index": {"k1": 0.5}})
+    (sweep / "multirun.yaml").write_text("{}")
+    records = load_records([sweep])
+    # job folders in numeric order; a run without the override shows its resolved config value
+    assert [r.path.name for r in records] == ["0", "1", "10"]
+    assert [r.label for r in records] == ["index.k1=0.9", "index.k1=1.2", "index.k1=0.5"]
+
+
+def test_group_choices_label_runs_that_did_not_override_them(tmp_path, tiny_dataset):
+    a = make_run(tmp_path / "a", ["experiment=demo"], POOR, tiny_dataset, choices={"experiment": "demo",
+                                                                                  "sampling": "random"})
+    b = make_run(tmp_path / "b", ["experiment=demo", "sampling=topk"], GOOD, tiny_dataset,
+                 choices={"experiment": "demo", "sampling": "topk"})
+    assert [r.label for r in load_records([a, b])] == ["sampling=random", "sampling=topk"]
+
+
+def test_runs_without_overrides_are_labelled_by_differing_config_keys(tmp_path, tiny_dataset):
+    shared = {"seed": 1, "train": {"lr": 3e-5, "max_steps": 100}}
+    a = make_run(tmp_path / "a", None, POOR, tiny_dataset,
+                 config={**shared, "sampling": {"_target_": "lsr_run.sampling.RandomSampler", "num_negatives": 3}})
+    b = make_run(tmp_path / "b", None, GOOD, tiny_dataset,
+                 config={**shared, "train": {"lr": 1e-4, "max_steps": 100}, "expected": {"tolerance": 0.1},
+                         "sampling": {"_target_": "lsr_run.sampling.TopKSampler", "k": 5, "num_negatives": 3}})
+    labels = [r.label for r in load_records([a, b])]
+    # a swapped _target_ shows as the class; `expected` never labels a run; shared keys are left out
+    assert labels == ["train.lr=3e-05 sampling=RandomSampler", "train.lr=0.0001 sampling=TopKSampler"]
+
+
+def test_repeated_configs_get_distinct_labels_and_folder_labels_on_request(tmp_path, tiny_dataset):
+    runs = [make_run(tmp_path / name, [f"seed={seed}"], POOR, tiny_dataset)
+            for name, seed in (("first", 1), ("again", 1), ("other", 2))]
+    assert [r.label for r in load_records(runs)] == ["seed=1 [first]", "seed=1 [again]", "seed=2"]
+    assert [r.label for r in load_records(runs, label_from="folder")] == ["first", "again", "other"]
+    # nothing differs: the folder names label the runs
+    assert [r.label for r in load_records(runs[:2])] == ["first", "again"]
+
+
+def test_failed_unfinished_and_collapsed_runs_are_rows_marked_so(tmp_path, tiny_dataset):
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", ["sampling=random"], POOR, tiny_dataset, collapsed=False)
+    make_run(sweep / "1", ["sampling=topk"], None, tiny_dataset, failed="no qrels for split dev")
+    make_run(sweep / "2", ["sampling=stratified"], None, tiny_dataset)  # still running: no metrics.json
+    make_run(sweep / "3", ["sampling=hard"], GOOD, tiny_dataset, collapsed=True)
+    table = build_table(load_records([sweep]), baseline=0)
+    assert [(r.label, r.status, r.collapsed) for r in table.rows] == [
+        ("sampling=random", "ok", False), ("sampling=topk", "failed", None),
+        ("sampling=stratified", "no metrics", None), ("sampling=hard", "ok", True)]
+    assert table.rows[1].values[DATASET] is None and table.rows[3].values[DATASET] == pytest.approx(1.0)
+    markdown = to_markdown(table)
+    assert "failed (DataError: no qrels for split dev)" in markdown
+    assert "| sampling=stratified | – | – | – | – | – | no metrics |" in markdown
+    assert "| sampling=hard | **1.0000↑** | **1.0000** | 12.0 | 80.0 | yes | ok |" in markdown
+    with pytest.raises(LsrError, match="has no results"):
+        build_table(load_records([sweep]), baseline=1)
+
+
+def test_a_sweep_folder_without_runs_is_an_error(tmp_path):
+    (tmp_path / "empty" / "collected").mkdir(parents=True)
+    with pytest.raises(LsrError, match="neither a run directory"):
+        load_records([tmp_path / "empty"])
+
+
+# ---------------------------------------------------------------- significance
+
+def test_clearly_better_run_is_marked_and_an_identical_one_is_not(tmp_path, tiny_dataset):
+    base = make_run(tmp_path / "base", ["index=bm25"], POOR, tiny_dataset)
+    better = make_run(tmp_path / "better", ["index=lucene_impact"], GOOD, tiny_dataset)
+    same = make_run(tmp_path / "same", ["index=brute_force"], POOR, tiny_dataset)
+    table = build_table(load_records([base, better, same]), baseline="index=bm25")
+    assert table.baseline == 0
+    assert table.rows[1].marks == {DATASET: BETTER} and table.rows[1].p_values[DATASET] < 1e-6
+    assert table.rows[2].marks == {} and table.rows[2].p_values[DATASET] == 1.0
+    assert "↑" in to_markdown(table).splitlines()[3] and "↑" not in to_markdown(table).splitlines()[4]
+    # the other way round the better run is the baseline, and the poor one is marked worse
+    table = build_table(load_records([base, better, same]), baseline="better")
+    assert table.rows[0].marks == {DATASET: WORSE} and table.rows[2].marks == {DATASET: WORSE}
+
+
+def test_paired_test_is_the_two_sided_paired_t_test_over_common_queries():
+    from scipy.stats import ttest_rel
+
+    control = {f"q{i}": 0.1 * (i % 3) for i in range(20)}
+    treatment = {f"q{i}": 0.1 * (i % 3) + (0.5 if i < 4 else 0.0) for i in range(20)}
+    treatment["unpaired"] = 1.0  # a query the control did not score is left out
+    queries = sorted(control)
+    p = paired_test(control, treatment)
+    assert p == pytest.approx(ttest_rel([control[q] for q in queries], [treatment[q] for q in queries]).pvalue)
+    assert 0.025 < p < 0.05
+    assert paired_test(control, dict(control)) == 1.0
+    assert paired_test({"q1": 0.5}, {"q1": 1.0}) is None
+
+
+def test_bonferroni_removes_a_mark_that_only_passes_uncorrected(tmp_path, tiny_dataset):
+    ranks_base = {i: 0 for i in range(QUERIES)}  # relevant document never retrieved
+    ranks_some = {i: (1 if i < 4 else 0) for i in range(QUERIES)}  # found first for 4 of 30 queries
+    base = make_run(tmp_path / "base", ["run=base"], ranks_base, tiny_dataset)
+    some = make_run(tmp_path / "some", ["run=some"], ranks_some, tiny_dataset)
+    copy = make_run(tmp_path / "copy", ["run=copy"], ranks_base, tiny_dataset)
+    records = load_records([base, some, copy])
+    plain = build_table(records, baseline=0)
+    p = plain.rows[1].p_values[DATASET]
+    assert 0.025 < p < 0.05 and plain.rows[1].marks == {DATASET: BETTER}
+    corrected = build_table(records, baseline=0, bonferroni=True)
+    assert corrected.rows[1].marks == {} and "Bonferroni" in to_markdown(corrected)
+
+
+def test_metric_missing_from_stored_files_is_recomputed_from_run_files_on_request(tmp_path, tiny_dataset):
+    base = make_run(tmp_path / "base", ["run=base"], POOR, tiny_dataset)
+    better = make_run(tmp_path / "better", ["run=better"], GOOD, tiny_dataset)
+    records = load_records([base, better])
+    table = build_table(records, metric="recall@3", baseline=0)
+    assert table.rows[0].values[DATASET] is None and table.rows[1].marks == {}
+    table = build_table(records, metric="recall@3", baseline=0, recompute=True)
+    ds = load_dataset(DATASET, "test", path=str(tiny_dataset))
+    for row, ranks in zip(table.rows, (POOR, GOOD)):
+        expected, _ = evaluate_run(ds.qrels, {f"q{i}": dict(ranking(r, i)) for i, r in ranks.items()}, ["recall@3"])
+        assert row.values[DATASET] == pytest.approx(expected["recall@3"])
+    assert table.rows[0].values[DATASET] == pytest.approx(0.4)  # ranks 2 and 3 of 2..6
+    assert table.rows[1].marks == {DATASET: BETTER}
+
+
+def test_baselines_inside_runs_become_one_row_each(tmp_path, tiny_dataset):
+    sweep = tmp_path / "sweep"
+    for job, ranks in (("0", GOOD), ("1", GOOD)):
+        run = make_run(sweep / job, [f"seed={job}"], ranks, tiny_dataset)
+        bm25 = run / "baselines" / "bm25"
+        bm25.mkdir(parents=True)
+        evaluated = make_run(tmp_path / f"bm25-{job}", None, POOR, tiny_dataset)
+        for name in ("metrics.json", "per_query", "runs"):  # what the pipeline writes for a baseline
+            (evaluated / name).rename(bm25 / name)
+    records = load_records([sweep], include_baselines=True)
+    # the same BM25 result in both jobs: one row, first, labelled by its name
+    assert [r.label for r in records] == ["bm25", "seed=0", "seed=1"]
+    table = build_table(records, baseline="bm25")
+    assert table.rows[1].marks == {DATASET: BETTER} and table.rows[2].marks == {DATASET: BETTER}
+    assert [r.label for r in load_records([sweep])] == ["seed=0", "seed=1"]
+
+
+# ---------------------------------------------------------------- outputs
+
+def test_markdown_csv_latex_and_chart_are_written(tmp_path, tiny_dataset):
+    base = make_run(tmp_path / "base", ["loss=infonce"], POOR, tiny_dataset)
+    better = make_run(tmp_path / "better", ["loss=kl_div"], GOOD, tiny_dataset)
+    (better / "sampling_stats.json").write_text(json.dumps({"teacher_entropy": 1.25, "sampler": "TopKSampler"}))
+    broken = make_run(tmp_path / "broken", ["loss=margin_mse"], None, tiny_dataset, failed="bad & 50%_rate")
+    table = build_table(load_records([base, better, broken]), baseline=0, extras=["sampling_stats"])
+    paths = write_outputs(table, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["table.csv", "table.md", "table.png",
+                                                                    "table.tex"]
+    assert paths["markdown"].read_text() == to_markdown(table)
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert [r["run"] for r in rows] == ["loss=infonce", "loss=kl_div", "loss=margin_mse"]
+    assert rows[0][f"{DATASET} sig"] == "baseline" and rows[1][f"{DATASET} sig"] == BETTER
+    assert float(rows[1][DATASET]) == pytest.approx(1.0) and float(rows[1][f"{DATASET} p"]) < 0.05
+    assert rows[1]["teacher_entropy"] == "1.25" and rows[0]["teacher_entropy"] == ""
+    assert rows[2]["status"] == "failed (DataError: bad & 50%_rate)" and rows[2][DATASET] == ""
+
+    latex = paths["latex"].read_text()
+    assert latex == to_latex(table)
+    assert r"\toprule" in latex and r"\bottomrule" in latex
+    assert r"\textbf{1.000}$^{\uparrow}$" in latex
+    assert r"loss=margin\_mse (failed)" in latex and "50%_rate" not in latex
+    header = next(line for line in latex.splitlines() if line.startswith("Run &"))
+    spec = next(line for line in latex.splitlines() if line.startswith(r"\begin{tabular}"))
+    assert header.count("&") + 1 == len(spec[len(r"\begin{tabular}{"):-1])  # one alignment per column
+    assert to_csv(table) == paths["csv"].read_text()
+
+
+def test_collect_cli_writes_next_to_a_single_sweep(tmp_path, tiny_dataset, capsys):
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", ["regularizer=none"], POOR, tiny_dataset)
+    make_run(sweep / "1", ["regularizer=flops"], GOOD, tiny_dataset)
+    cli = runpy.run_path(str(ROOT / "scripts" / "collect.py"), run_name="collect")
+    assert cli["main"]([str(sweep), "--baseline", "0", "--metric", "mrr@10"]) == 0
+    out = capsys.readouterr().out
+    assert "| regularizer=flops | **1.0000↑** |" in out
+    assert (sweep / "collected" / "table.md").exists()
+    assert cli["main"]([str(sweep), str(sweep / "0")]) == 2  # several paths need --out
+    assert cli["main"]([str(sweep), "--baseline", "nope"]) == 2
+
+
+# ---------------------------------------------------------------- expected numbers
+
+def expected_spec(**datasets) -> dict:
+    return {"tolerance": 0.01, "datasets": datasets}
+
+
+def test_check_expected_ok_fail_skip(tmp_path, tiny_dataset):
+    run = make_run(tmp_path / "run", ["experiment=bm25"], POOR, tiny_dataset)
+    actual = json.loads((run / "metrics.json").read_text())[DATASET]
+    cells = check_expected(run, expected_spec(
+        tiny={"mrr@10": actual["mrr@10"] + 0.005, "ndcg@10": {"value": actual["ndcg@10"] + 0.002, "tolerance": 0.001},
+              "map": 0.2},
+        scifact={"ndcg@10": 0.6789}))
+    assert [(c.dataset, c.metric, c.status) for c in cells] == [
+        ("tiny", "mrr@10", CELL_OK), ("tiny", "ndcg@10", CELL_FAIL), ("tiny", "map", CELL_FAIL),
+        ("scifact", "ndcg@10", CELL_SKIP)]
+    assert cells[2].reason == "missing from metrics.json"
+    assert cells[0].line().startswith("[OK]   tiny") and cells[1].line().startswith("[FAIL] tiny")
+    assert not expected_passed(cells)
+    assert expected_passed(cells[:1] + cells[3:])
+    assert not expected_passed(cells[3:])  # nothing checked is not a pass
+
+
+def test_check_expected_fails_every_cell_of_a_failed_run(tmp_path, tiny_dataset):
+    run = make_run(tmp_path / "run", ["experiment=bm25"], None, tiny_dataset, failed="index missing")
+    cells = check_expected(run, expected_spec(tiny={"ndcg@10": 0.5}))
+    assert [c.status for c in cells] == [CELL_FAIL] and "index missing" in cells[0].reason
+
+
+def test_check_expected_cli_reads_a_preset_or_the_run_config(tmp_path, tiny_dataset, capsys):
+    run = make_run(tmp_path / "run", ["experiment=bm25"], POOR, tiny_dataset)
+    mrr = json.loads((run / "metrics.json").read_text())[DATASET]["mrr@10"]
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"run_name": "x", "expected": {"source": "test", "tolerance": 0.001,
+                                                                    "datasets": {"tiny": {"mrr@10": mrr}}}}))
+    cli = runpy.run_path(str(ROOT / "scripts" / "check_expected.py"), run_name="check_expected")
+    assert cli["main"]([str(run), str(preset)]) == 0
+    assert "[OK]   tiny" in capsys.readouterr().out
+    preset.write_text(yaml.safe_dump({"expected": {"datasets": {"tiny": {"mrr@10": mrr + 0.1}}}}))
+    assert cli["main"]([str(run), str(preset)]) == 1
+    assert "[FAIL] tiny" in capsys.readouterr().out
+    assert cli["main"]([str(run)]) == 2  # the run's config.yaml holds no expected numbers
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["expected"] = {"datasets": {"tiny": {"mrr@10": mrr}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert cli["main"]([str(run)]) == 0
+
+
+# ---------------------------------------------------------------- the suites and presets tables come from
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="run", overrides=overrides)
+
+
+def test_several_eval_suites_merge_their_datasets():
+    cfg = _compose(["eval=[beir13,trec_dl,msmarco_dev]"])
+    assert list(cfg.eval.datasets)[:3] == ["trec-covid", "nfcorpus", "nq"]
+    assert {"dl19", "dl20", "msmarco-dev", "quora"} <= set(cfg.eval.datasets) and len(cfg.eval.datasets) == 16
+    assert {k for k, d in cfg.eval.datasets.items() if d.remove_self_hits} == {"arguana", "quora"}
+    assert list(cfg.eval.datasets.dl19.metrics) == ["ndcg@10", "map-l2", "recall@1000-l2"]
+    assert set(_compose(["eval=local_all"]).eval.datasets) == {"scifact", "cranfield", "cisi", "adi"}
+    assert set(_compose(["eval=beir_small"]).eval.datasets) <= set(_compose(["eval=beir13"]).eval.datasets)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+                                          if "expected:" in p.read_text()))
+def test_expected_numbers_name_datasets_and_metrics_their_preset_evaluates(preset):
+    cfg = _compose([f"experiment={preset}"])
+    for dataset, metrics in cfg.expected.datasets.items():
+        assert dataset in cfg.eval.datasets, f"{preset}: expected numbers for {dataset}, which it does not evaluate"
+        evaluated = cfg.eval.datasets[dataset].get("metrics") or cfg.eval.metrics
+        assert set(metrics) <= set(evaluated), f"{preset}: {dataset} is not scored on {set(metrics) - set(evaluated)}"
