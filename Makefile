@@ -62,3 +62,20 @@ table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head sc
 table-sampling: $(STAMP) ## the stratified-sampling table: sampler x loss x 3 seeds on MS MARCO (GPU + internet, days)
 	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling
 	$(PY) scripts/collect.py $(TABLES)/sampling --out $(TABLES)/sampling/table --baseline topk_kl_div_s1
+
+# ---------------------------------------------------------------- collected tables and expected numbers
+.PHONY: collect check-bm25 bm25-beir
+SWEEP ?=
+COLLECT_ARGS ?=
+
+collect: $(STAMP) ## tables (md, csv, tex, png) of a sweep or run dir: make collect SWEEP=<dir> [COLLECT_ARGS="--baseline 0"]
+	@test -n "$(SWEEP)" || { echo "usage: make collect SWEEP=<sweep or run directory> [COLLECT_ARGS=...]"; exit 2; }
+	$(PY) scripts/collect.py $(SWEEP) --out $(SWEEP)/collected $(COLLECT_ARGS)
+
+check-bm25: $(STAMP) ## BM25 on the local suite, checked against the expected numbers in conf/experiment/bm25.yaml
+	$(LSR) experiment=bm25 hydra.run.dir=outputs/check-bm25
+	$(PY) scripts/check_expected.py outputs/check-bm25 conf/experiment/bm25.yaml
+
+bm25-beir: $(STAMP) ## BM25 on six small BEIR sets vs Pyserini's nDCG@10 (no GPU; ir_datasets downloads need internet)
+	$(LSR) experiment=bm25_beir hydra.run.dir=outputs/bm25-beir
+	$(PY) scripts/check_expected.py outputs/bm25-beir
