@@ -148,6 +148,16 @@ def test_failed_unfinished_and_collapsed_runs_are_rows_marked_so(tmp_path, tiny_
         build_table(load_records([sweep]), baseline=1)
 
 
+def test_a_run_that_succeeded_after_failing_counts_as_finished(tmp_path, tiny_dataset):
+    import os
+
+    run = make_run(tmp_path / "run", ["seed=1"], POOR, tiny_dataset, failed="out of memory")
+    os.utime(run / "failed.json", (1_000_000, 1_000_000))  # the failure came first
+    assert load_records([run])[0].status == "ok"
+    os.utime(run / "metrics.json", (500_000, 500_000))
+    assert load_records([run])[0].status == "failed"
+
+
 def test_a_sweep_folder_without_runs_is_an_error(tmp_path):
     (tmp_path / "empty" / "collected").mkdir(parents=True)
     with pytest.raises(LsrError, match="neither a run directory"):

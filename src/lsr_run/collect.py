@@ -121,7 +121,8 @@ def load_run(path: Path) -> RunRecord:
     config = _read_yaml(run.config) if run.config.exists() else None
     record = RunRecord(path=run.root, status=STATUS_OK, overrides=overrides, choices=choices, config=config)
     failed = run.root / "failed.json"
-    if failed.exists():
+    # a run re-launched after a failure keeps the old failed.json: the newer of the two files tells
+    if failed.exists() and not (run.metrics.exists() and run.metrics.stat().st_mtime > failed.stat().st_mtime):
         info = json.loads(failed.read_text())
         record.status = STATUS_FAILED
         record.error = f"{info.get('type', 'error')}: {info.get('error', '')}".strip()
