@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,51 @@ def write_beir(folder: Path, docs: dict, queries: dict, qrels: dict, split: str 
             for doc_id, rel in docs_rel.items():
                 f.write(f"{qid}\t{doc_id}\t{rel}\n")
     return folder
+
+
+# ---------------------------------------------------------------- a toy end-to-end setup (no Java)
+
+WORDS = ("sparse dense retrieval lucene index query document term weight model train neural network vector "
+         "score rank search engine corpus token vocabulary head norm scale logit entropy variance teacher "
+         "student negative positive sample stratified random hard batch").split()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    rng = random.Random(0)
+    docs = {f"d{i}": ("", " ".join(rng.choices(WORDS, k=30))) for i in range(40)}
+    queries = {f"q{i}": " ".join(rng.choices(WORDS, k=5)) for i in range(16)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(16)}
+    data = tmp_path / "data"
+    write_beir(data / "toy", docs, queries, qrels, split="train")
+    write_beir(data / "toytest", docs, queries, qrels, split="test")
+    run = tmp_path / "candidates.trec"
+    with open(run, "w") as f:
+        for q in queries:
+            for rank, d in enumerate(rng.sample(sorted(docs), 12), 1):
+                f.write(f"{q} Q0 {d} {rank} {20 - rank} bm25\n")
+    return {"data": data, "candidates": run}
+
+
+def toy_overrides(toy, steps=6):
+    return ["backbone=tiny_bert", "index=brute_force", "candidates=run_file", f"candidates.path={toy['candidates']}",
+            "data.train.name=toy", "data.train.irds_id=null", "eval.datasets={toytest: {name: toytest, split: test}}",
+            f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=2", "train.log_every=1",
+            "train.warmup_steps=1", "regularizer.warmup_steps=3", "train.doc_max_length=48", "train.bf16=false",
+            "encode.doc_max_length=48", "encode.bf16=false", "train.lr=1e-3"]
+
+
+def cli(args, env_extra=None, wait=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "lsr_run.cli", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from lsr_run.plots import read_train_log
+
+    return {r["step"]: r["loss"] for r in read_train_log(run_dir / "train_log.jsonl")}
+
+

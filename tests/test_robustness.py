@@ -22,51 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from lsr_run.errors import ConfigError
 
-from conftest import CONF_DIR, ROOT, write_beir
-
-WORDS = ("sparse dense retrieval lucene index query document term weight model train neural network vector "
-         "score rank search engine corpus token vocabulary head norm scale logit entropy variance teacher "
-         "student negative positive sample stratified random hard batch").split()
-
-
-@pytest.fixture
-def toy(tmp_path):
-    rng = random.Random(0)
-    docs = {f"d{i}": ("", " ".join(rng.choices(WORDS, k=30))) for i in range(40)}
-    queries = {f"q{i}": " ".join(rng.choices(WORDS, k=5)) for i in range(16)}
-    qrels = {f"q{i}": {f"d{i}": 1} for i in range(16)}
-    data = tmp_path / "data"
-    write_beir(data / "toy", docs, queries, qrels, split="train")
-    write_beir(data / "toytest", docs, queries, qrels, split="test")
-    run = tmp_path / "candidates.trec"
-    with open(run, "w") as f:
-        for q in queries:
-            for rank, d in enumerate(rng.sample(sorted(docs), 12), 1):
-                f.write(f"{q} Q0 {d} {rank} {20 - rank} bm25\n")
-    return {"data": data, "candidates": run}
-
-
-def toy_overrides(toy, steps=6):
-    return ["backbone=tiny_bert", "index=brute_force", "candidates=run_file", f"candidates.path={toy['candidates']}",
-            "data.train.name=toy", "data.train.irds_id=null", "eval.datasets={toytest: {name: toytest, split: test}}",
-            f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=2", "train.log_every=1",
-            "train.warmup_steps=1", "regularizer.warmup_steps=3", "train.doc_max_length=48", "train.bf16=false",
-            "encode.doc_max_length=48", "encode.bf16=false", "train.lr=1e-3"]
-
-
-def cli(args, env_extra=None, wait=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "lsr_run.cli", *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    from lsr_run.plots import read_train_log
-
-    return {r["step"]: r["loss"] for r in read_train_log(run_dir / "train_log.jsonl")}
-
+from conftest import CONF_DIR, WORDS, cli, losses, toy_overrides
 
 def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
@@ -202,7 +158,12 @@ def _trainer(tmp_path, loss, **spec_overrides):
                         {f"q{i}": [d for d in docs if d != f"d{i}"] for i in range(8)}, Corpus())
     spec = TrainSpec(batch_size=4, max_steps=6, doc_max_length=24, bf16="false", save_every=100, log_every=1,
                      warmup_steps=0, collapse=CollapseSpec(**spec_overrides.pop("collapse", {})), **spec_overrides)
-    return Trainer(make_tiny_encoder("bert"), data, RandomSampler(2), loss, FlopsRegularizer(warmup_steps=0), spec,
+    encoder = make_tiny_encoder("bert")
+    with torch.no_grad():  # calibrate the random head like a real one: about 1% of logits positive
+        batch = encoder.tokenize([Corpus().text("d3"), "query sparse"], 24)
+        logits = encoder.logits(batch["input_ids"], batch["attention_mask"])
+        encoder.mlm.get_output_embeddings().bias.sub_(torch.quantile(logits.flatten()[:100000].float(), 0.99))
+    return Trainer(encoder, data, RandomSampler(2), loss, FlopsRegularizer(warmup_steps=0), spec,
                    RunDir(tmp_path / "run"), seed=0)
 
 
@@ -221,7 +182,8 @@ def test_collapse_fires_on_synthetic_collapse_not_on_healthy_run(tmp_path):
     from lsr_run.losses import InfoNCE
 
     healthy = _trainer(tmp_path / "a", InfoNCE(), collapse={"check_every": 1, "patience": 2}).train()
-    assert healthy["collapsed"] is False
+    assert healthy["collapsed"] is False and healthy["steps"] == 6
+    assert 1 <= healthy["last"]["doc_terms"] < 0.5 * 30522
     t = _trainer(tmp_path / "b", InfoNCE(), collapse={"check_every": 1, "patience": 3})
     for _ in range(2):
         t._check_collapse(q_terms=t.vocab * 0.9, d_terms=t.vocab * 0.95)

@@ -44,11 +44,15 @@ def encode_texts(encoder: SpladeEncoder, texts: list[str], max_length: int, batc
     return out  # type: ignore[return-value]
 
 
-def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpec) -> dict:
-    """Write ``out_dir/part-XXXXX.jsonl`` shards and ``out_dir/stats.json``; return the stats."""
+def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpec, rank: int = 0,
+                  world: int = 1) -> dict:
+    """Write ``out_dir/part-RRR-XXXXX.jsonl`` shards (this rank's contiguous share of the corpus) and return
+    the share's stats; ``merge_stats`` combines the ranks' stats."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = corpus.ids()
+    per = -(-len(ids) // world)
+    ids = ids[rank * per:(rank + 1) * per]
     texts = [corpus.text(i) for i in ids]
     blank = [not t.strip() for t in texts]
     vectors = encode_texts(encoder, texts, spec.doc_max_length, spec.batch_size, spec.bf16,
@@ -60,10 +64,23 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
             vec = {EMPTY_DOC_TERM: 1} if blank[i] else (vectors[i] or {EMPTY_DOC_TERM: 1})
             total_terms += 0 if blank[i] else len(vectors[i])
             rows.append((ids[i], vec))
-        with atomic_path(out_dir / f"part-{s:05d}.jsonl") as tmp:
+        with atomic_path(out_dir / f"part-{rank:03d}-{s:05d}.jsonl") as tmp:
             write_vectors(tmp, rows)
+    seconds = time.time() - start
     stats = {"docs": len(ids), "doc_terms": total_terms / max(1, len(ids)), "empty_docs": int(sum(blank)),
-             "seconds": time.time() - start, "docs_per_second": len(ids) / max(1e-9, time.time() - start)}
+             "seconds": seconds, "docs_per_second": len(ids) / max(1e-9, seconds)}
+    write_json(out_dir / f"stats-{rank:03d}.json", stats)
+    return stats
+
+
+def merge_stats(out_dir: Path) -> dict:
+    """Combine every rank's stats into ``stats.json`` (the file later stages read)."""
+    parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("stats-*.json"))]
+    docs = sum(p["docs"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    stats = {"docs": docs, "doc_terms": sum(p["doc_terms"] * p["docs"] for p in parts) / max(1, docs),
+             "empty_docs": sum(p["empty_docs"] for p in parts), "seconds": seconds,
+             "docs_per_second": docs / max(1e-9, seconds), "ranks": len(parts)}
     write_json(out_dir / "stats.json", stats)
     return stats
 

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir as rd
 from .data import Dataset, load_dataset, read_trec_run, training_examples
-from .encoding import EncodeSpec, encode_corpus, encode_queries, read_query_vectors
+from . import distributed
+from .encoding import EncodeSpec, encode_corpus, encode_queries, merge_stats, read_query_vectors
 from .errors import ConfigError, LsrError
 from .evaluation import evaluate_run, remove_self_hits
 from .models.backbone import BackboneSpec, load_backbone
@@ -99,6 +100,7 @@ class Experiment:
         self.cfg = cfg
         self.run = RunDir(Path(root))
         self.seed = int(cfg.seed)
+        self.dist = distributed.current()
         stages = list(cfg.stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
@@ -159,7 +161,7 @@ class Experiment:
                 self._encoder = self.fresh_encoder()
             else:
                 raise LsrError(f"{self.run.model} missing after training")
-            self._encoder.to(device())
+            self._encoder.to(self.dist.device())
         return self._encoder
 
     # ---------------------------------------------------------------- stages
@@ -190,7 +192,7 @@ class Experiment:
             from .sampling_stats import record_sampling_stats
 
             record_sampling_stats(data, sampler, self.seed, self.run)
-        encoder = self.fresh_encoder().to(device())
+        encoder = self.fresh_encoder().to(self.dist.device())
         from .models.inspect import head_report, probe_report
 
         init = {"head": head_report(encoder.mlm), "probe": probe_report(encoder)}
@@ -203,12 +205,17 @@ class Experiment:
         trainer = Trainer(encoder, data, sampler, self.loss, self.regularizer, spec, self.run, self.seed)
         result = trainer.train()
         result["train_queries"] = len(data.qids)
+        result["processes"] = self.dist.world
+        self.train_result = result
+        self._encoder = encoder
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
         with rd.atomic_path(self.run.model) as tmp:
             encoder.save(tmp)
         rd.write_json(self.run.train_state, result)
         rd.mark_done(self.run, "train")
-        self.train_result = result
-        self._encoder = encoder
+        self.dist.barrier()
         try:
             from .plots import plot_training
 
@@ -223,12 +230,15 @@ class Experiment:
             ds = self.dataset(key)
             corpus_dir = self.run.encoded_corpus(ds.corpus_key)
             if not rd.is_done(self.run, "encode", ds.corpus_key):
-                stats = encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec)
-                rd.mark_done(self.run, "encode", ds.corpus_key, stats)
-                log.info("encoded %s: %d docs, %.1f terms/doc, %.1f docs/s", ds.corpus_key, stats["docs"],
-                         stats["doc_terms"], stats["docs_per_second"])
+                encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec, self.dist.rank, self.dist.world)
+                self.dist.barrier()
+                if self.dist.is_main:
+                    stats = merge_stats(corpus_dir)
+                    rd.mark_done(self.run, "encode", ds.corpus_key, stats)
+                    log.info("encoded %s: %d docs, %.1f terms/doc, %.1f docs/s", ds.corpus_key, stats["docs"],
+                             stats["doc_terms"], stats["docs_per_second"])
             qpath = self.run.encoded_queries(key)
-            if not qpath.exists():
+            if self.dist.is_main and not qpath.exists():
                 stats = encode_queries(self.encoder(), ds.judged_queries(), qpath, self.encode_spec)
                 rd.write_json(qpath.with_suffix(".stats.json"), stats)
 
@@ -285,6 +295,8 @@ class Experiment:
     # ---------------------------------------------------------------- driver
     def execute(self) -> dict:
         for stage in self.stages:
+            if not self.dist.is_main and stage not in ("train", "encode"):
+                continue  # other ranks help with training and encoding; rank 0 indexes, searches, evaluates
             if stage != "train" and self.train_result and self.train_result.get("collapsed"):
                 if stage in ("encode", "index", "search"):
                     log.warning("%s: training collapsed; evaluating the collapsed model anyway", stage)
@@ -294,10 +306,6 @@ class Experiment:
             self.timer.add(stage, time.time() - start)
             rd.write_json(self.run.root / "timings.json", self.timer.seconds)
         return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 IGNORED_FOR_IDENTITY = ("stages", "force", "model")
@@ -353,14 +361,22 @@ def print_table(metrics: dict, baselines: dict[str, dict], metric: str = "ndcg@1
 
 
 def run(cfg: DictConfig, root: Path) -> dict:
+    ctx = distributed.init()
     run_dir = RunDir(Path(root))
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    guard_run_dir(cfg, run_dir)
-    rd.write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
-    rd.write_json(run_dir.meta, rd.run_metadata(int(cfg.seed)))
+    if ctx.is_main:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        guard_run_dir(cfg, run_dir)
     torch.manual_seed(int(cfg.seed))
-    experiment = Experiment(cfg, run_dir.root)
+    experiment = Experiment(cfg, run_dir.root)  # validates everything before any file is written
+    if ctx.is_main:
+        rd.write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        meta = rd.run_metadata(int(cfg.seed))
+        meta["processes"] = ctx.world
+        rd.write_json(run_dir.meta, meta)
+    ctx.barrier()
     metrics = experiment.execute()
+    if not ctx.is_main:
+        return {}
     baselines = {}
     for name, index_cfg in (cfg.eval.get("baselines") or {}).items():
         bcfg = cfg.copy()

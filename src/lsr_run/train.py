@@ -121,12 +121,32 @@ def batch_at(data: TrainingData, sampler, seed: int, micro_index: int, batch_siz
     return epoch, qids, groups
 
 
-def score_batch(encoder: SpladeEncoder, queries: list[str], docs: list[str], spec: TrainSpec):
-    q = encoder.encode_batch(queries, spec.query_max_length)
-    d = encoder.encode_batch(docs, spec.doc_max_length)
-    all_scores = q @ d.T  # (B, B*(1+n))
+class DualEncode(torch.nn.Module):
+    """One forward call for queries and documents (so DDP sees a single forward per backward)."""
+
+    def __init__(self, encoder: SpladeEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, q_ids, q_mask, d_ids, d_mask):
+        return self.encoder(q_ids, q_mask), self.encoder(d_ids, d_mask)
+
+
+def scores_of(q: torch.Tensor, d: torch.Tensor):
+    """(B, V) queries, (B*(1+n), V) documents -> all scores (B, B*(1+n)) and own-group scores (B, 1+n)."""
+    all_scores = q @ d.T
     b = q.shape[0]
-    group = all_scores.view(b, b, -1)[torch.arange(b), torch.arange(b)]  # (B, 1+n)
+    group = all_scores.view(b, b, -1)[torch.arange(b), torch.arange(b)]
+    return all_scores, group
+
+
+def score_batch(encoder: SpladeEncoder, queries: list[str], docs: list[str], spec: TrainSpec, model=None):
+    """Encode a batch and score it; ``model`` (a DualEncode, possibly DDP-wrapped) runs the forward."""
+    model = model or DualEncode(encoder)
+    qb = encoder.tokenize(queries, spec.query_max_length)
+    db = encoder.tokenize(docs, spec.doc_max_length)
+    q, d = model(qb["input_ids"], qb["attention_mask"], db["input_ids"], db["attention_mask"])
+    all_scores, group = scores_of(q, d)
     return q, d, all_scores, group
 
 
@@ -143,7 +163,13 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     def __init__(self, encoder: SpladeEncoder, data: TrainingData, sampler, loss, regularizer, spec: TrainSpec,
                  run: RunDir, seed: int):
+        from . import distributed
+
         spec.validate()
+        self.dist = distributed.current()
+        if spec.batch_size % self.dist.world:
+            raise ConfigError(f"train.batch_size={spec.batch_size}: must be divisible by the number of processes "
+                              f"({self.dist.world})")
         if getattr(loss, "needs_teacher", False) and data.teacher is None:
             raise ConfigError("loss needs teacher scores but teacher=none; choose teacher=bi_encoder|cross_encoder|file")
         self.encoder, self.data, self.sampler, self.loss, self.reg = encoder, data, sampler, loss, regularizer
@@ -155,6 +181,12 @@ class Trainer:
                     module.p = spec.dropout
         from transformers import get_linear_schedule_with_warmup
 
+        self.model = DualEncode(encoder)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if encoder.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, spec.warmup_steps, spec.max_steps)
         self.bf16 = resolve_bf16(spec.bf16, encoder.device)
@@ -169,11 +201,15 @@ class Trainer:
         return self.run.checkpoints / "last.pt"
 
     def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
         state = {"model": self.encoder.mlm.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step, "nonfinite": self.nonfinite,
                  "bad_checks": self.bad_checks, "rng": _rng_state(), "settings": self.encoder.settings}
         with atomic_path(self.ckpt_path) as tmp:
             torch.save(state, tmp)
+        self.dist.barrier()
 
     def maybe_resume(self) -> bool:
         if not self.ckpt_path.exists():
@@ -189,6 +225,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.run.train_log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.run.train_log, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -207,16 +245,17 @@ class Trainer:
     def micro_step(self, micro_index: int) -> dict:
         spec = self.spec
         epoch, qids, groups = batch_at(self.data, self.sampler, self.seed, micro_index, spec.batch_size)
-        q_texts = [self.data.queries[q] for q in qids]
-        doc_ids = [d for docs, _ in groups for d in docs]
-        d_texts = [self.data.corpus.text(d) for d in doc_ids]
         teacher = None
-        if self.data.teacher is not None:
+        if self.data.teacher is not None:  # sampling is pure: every rank knows the whole global batch
             teacher = torch.tensor([t for _, t in groups], dtype=torch.float32, device=self.encoder.device)
+        mine = self.dist.slice(len(qids))
+        q_texts = [self.data.queries[q] for q in qids[mine]]
+        d_texts = [self.data.corpus.text(d) for docs, _ in groups[mine] for d in docs]
         ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else _null()
         with ctx:
-            q, d, all_scores, group = score_batch(self.encoder, q_texts, d_texts, spec)
-        all_scores, group = all_scores.float(), group.float()
+            q, d, _, _ = score_batch(self.encoder, q_texts, d_texts, spec, self.model)
+        q, d = self.dist.gather(q.float()), self.dist.gather(d.float())  # the global batch
+        all_scores, group = scores_of(q, d)
         rank_loss = self.loss(ScoredBatch(group, all_scores, teacher))
         reg = self.reg(q.float(), d.float(), self.step)
         total = rank_loss + reg["reg"]
@@ -240,7 +279,8 @@ class Trainer:
         resumed = self.maybe_resume()
         self.encoder.train()
         start_time = time.time()
-        bar = tqdm(total=spec.max_steps, initial=self.step, desc="train", unit="step", mininterval=1)
+        bar = tqdm(total=spec.max_steps, initial=self.step, desc="train", unit="step", mininterval=1,
+                   disable=not self.dist.is_main)
         last_stats: dict = {}
         while self.step < spec.max_steps and self.collapsed is None:
             self.optimizer.zero_grad(set_to_none=True)

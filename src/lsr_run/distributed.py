@@ -1,0 +1,92 @@
+"""Data-parallel training and sharded encoding on PyTorch's own engine (``torchrun``, DDP).
+
+Launch: ``torchrun --nproc_per_node=N -m lsr_run.cli ... hydra.run.dir=D`` (give the run directory
+explicitly: every rank must agree on it). Single-process runs use the same code with a world of one.
+
+Invariant: results do not depend on the number of processes. ``train.batch_size`` is the global batch; each
+rank encodes its contiguous slice, then query and document representations are gathered (autograd-aware) so
+the ranking loss, its in-batch negatives and the FLOPS regularizer are computed over the global batch on every
+rank. Each rank's loss is the global loss, the gather's backward sums the W identical gradients of a rank's own
+representations, and DDP's average divides by W: the parameter gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def slice(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (n must divide evenly)."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order, keeping gradients to the local part."""
+        if not self.enabled:
+            return tensor
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+    def gather_nograd(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+
+_CURRENT = Dist()
+
+
+def init() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else a world of one."""
+    global _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _CURRENT = Dist()
+        return _CURRENT
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    _CURRENT = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+    return _CURRENT
+
+
+def current() -> Dist:
+    return _CURRENT
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
