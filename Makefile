@@ -79,3 +79,10 @@ check-bm25: $(STAMP) ## BM25 on the local suite, checked against the expected nu
 bm25-beir: $(STAMP) ## BM25 on six small BEIR sets vs Pyserini's nDCG@10 (no GPU; ir_datasets downloads need internet)
 	$(LSR) experiment=bm25_beir hydra.run.dir=outputs/bm25-beir
 	$(PY) scripts/check_expected.py outputs/bm25-beir
+
+# ---------------------------------------------------------------- benchmark
+.PHONY: bench
+BENCH_ARGS ?=
+
+bench: $(STAMP) ## lsr-run vs sentence-transformers/Pyserini: encode, train step, search, index -> outputs/bench/bench.json (BENCH_ARGS=--quick)
+	$(PY) scripts/bench.py $(BENCH_ARGS)
