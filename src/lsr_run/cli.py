@@ -35,6 +35,9 @@ def main(cfg: DictConfig) -> float | None:
     from .pipeline import run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     hc = HydraConfig.get()
     root = Path(hc.runtime.output_dir)
     try:

@@ -356,7 +356,7 @@ def print_table(metrics: dict, baselines: dict[str, dict], metric: str = "ndcg@1
         terms = [f"{entry.get('query_terms') or 0:.1f}", f"{entry.get('doc_terms') or 0:.1f}"]
         table.add_row(key, *cells, *terms)
         lines.append(f"| {key} | " + " | ".join(cells + terms) + " |")
-    Console().print(table)
+    Console(width=160).print(table)
     return "\n".join(lines)
 
 

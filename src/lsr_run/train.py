@@ -54,6 +54,7 @@ class TrainSpec:
     doc_max_length: int = 256
     bf16: str = "auto"
     dropout: float | None = None  # None keeps the backbone's; 0 turns dropout off (it is costly on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     log_every: int = 10
     save_every: int = 50
     nonfinite: str = "skip"  # skip | stop
@@ -150,6 +151,15 @@ def score_batch(encoder: SpladeEncoder, queries: list[str], docs: list[str], spe
     return q, d, all_scores, group
 
 
+def rss_gb() -> float:
+    """Resident memory of this process (Linux), for the training log."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return float("nan")
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -181,6 +191,8 @@ class Trainer:
                     module.p = spec.dropout
         from transformers import get_linear_schedule_with_warmup
 
+        if spec.gradient_checkpointing:
+            encoder.mlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = DualEncode(encoder)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -314,7 +326,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{acc['loss']:.3f}", q_terms=f"{acc['query_terms']:.0f}",
                                 d_terms=f"{acc['doc_terms']:.0f}", refresh=False)
                 if self.step % spec.log_every == 0 or self.step == spec.max_steps:
-                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **acc})
+                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "rss_gb": rss_gb(), **acc})
                 if self.step % spec.collapse.check_every == 0:
                     self._check_collapse(acc["query_terms"], acc["doc_terms"])
             bar.update(1)

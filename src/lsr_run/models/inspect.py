@@ -82,8 +82,7 @@ def inspect_backbone(cfg, backbone_spec, seed: int) -> dict:
     from .backbone import load_backbone
     from .splade import SpladeEncoder
 
-    scalings = dict(cfg.get("inspect", {}).get("scalings", {}) or {})
-    scalings.setdefault("configured", cfg.head_scaling)
+    scalings = {"configured": cfg.head_scaling, **dict(cfg.get("inspect", {}).get("scalings", {}) or {})}
     report = {"backbone": backbone_spec.name, "model_id": backbone_spec.model_id, "inflate": backbone_spec.head_inflate,
               "options": {}}
     for name, scaling_cfg in scalings.items():
@@ -110,4 +109,4 @@ def _print(report: dict) -> None:
                       "-" if gamma is None else f"{gamma:.2f}", f"{h.get('bias_mean', 0):.3f}",
                       f"{q['logit_mean']:.2f}", f"{q['logit_max']:.2f}", f"{q['positive_fraction']:.3f}",
                       f"{q['active_terms']:.0f}", f"{d['active_terms']:.0f}", f"{d['l1']:.1f}")
-    Console().print(table)
+    Console(width=200).print(table)
