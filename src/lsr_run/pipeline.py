@@ -230,6 +230,11 @@ class Experiment:
             ds = self.dataset(key)
             corpus_dir = self.run.encoded_corpus(ds.corpus_key)
             if not rd.is_done(self.run, "encode", ds.corpus_key):
+                if self.dist.is_main and corpus_dir.exists():  # shards of an interrupted attempt: start over
+                    import shutil
+
+                    shutil.rmtree(corpus_dir)
+                self.dist.barrier()
                 encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec, self.dist.rank, self.dist.world)
                 self.dist.barrier()
                 if self.dist.is_main:

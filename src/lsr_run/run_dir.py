@@ -99,6 +99,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if tmp.is_dir() and path.is_dir():  # a folder left by an attempt killed before it was marked done
+            import shutil
+
+            shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
