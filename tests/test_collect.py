@@ -180,6 +180,18 @@ def test_clearly_better_run_is_marked_and_an_identical_one_is_not(tmp_path, tiny
     assert table.rows[0].marks == {DATASET: WORSE} and table.rows[2].marks == {DATASET: WORSE}
 
 
+def test_a_dataset_the_baseline_lacks_is_noted_not_tested(tmp_path, tiny_dataset):
+    base = make_run(tmp_path / "base", ["run=base"], POOR, tiny_dataset)
+    other = make_run(tmp_path / "other", ["run=other"], GOOD, tiny_dataset,
+                     extra_metrics={"adi": {"ndcg@10": 0.5}})
+    table = build_table(load_records([base, other]), baseline=0)
+    assert table.datasets == [DATASET, "adi"] and table.mean_over == [DATASET]
+    assert table.rows[1].marks == {DATASET: BETTER}
+    assert "adi: the baseline has no ndcg@10 for it; not tested." in to_markdown(table)
+    rows = list(csv.DictReader(io.StringIO(to_csv(table))))
+    assert rows[0][f"{DATASET} sig"] == "baseline" and rows[0]["adi sig"] == "" and rows[1]["adi sig"] == ""
+
+
 def test_paired_test_is_the_two_sided_paired_t_test_over_common_queries():
     from scipy.stats import ttest_rel
 

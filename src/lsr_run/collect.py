@@ -481,6 +481,7 @@ def _mark_significance(table: Table, records: list[RunRecord], scores: dict, rec
 
     for d in table.datasets:
         if table.rows[b].values.get(d) is None:
+            table.notes.append(f"{d}: the baseline has no {table.metric} for it; not tested.")
             continue
         if get(b, d) is None:
             table.notes.append(f"{d}: the baseline has no per-query {table.metric} values; not tested.")
@@ -582,7 +583,7 @@ def to_csv(table: Table) -> str:
         for d in table.datasets:
             value, p = row.values.get(d), row.p_values.get(d)
             cells += ["" if value is None else f"{value:.6f}", "" if p is None else f"{p:.3g}",
-                      "baseline" if i == table.baseline else row.marks.get(d, "")]
+                      "baseline" if i == table.baseline and value is not None else row.marks.get(d, "")]
         cells += ["" if row.mean is None else f"{row.mean:.6f}",
                   "" if row.query_terms is None else f"{row.query_terms:.2f}",
                   "" if row.doc_terms is None else f"{row.doc_terms:.2f}",
