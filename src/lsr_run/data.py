@@ -265,8 +265,9 @@ def load_irds(name: str, irds_id: str) -> Dataset:
                        f"(corpus.jsonl, queries.jsonl, qrels/<split>.tsv).") from None
     corpus = Corpus(titles, texts, name=irds_id.split("/")[0])
     stats = check_qrels(qrels, queries, corpus, irds_id)
-    # documents are shared across query sets of one collection (e.g. msmarco-passage/dev/small and trec-dl-2019)
-    corpus_key = irds_id.split("/")[0] if irds_id.startswith("msmarco-passage") else irds_id.rsplit("/", 1)[0]
+    # documents are shared across query sets of one collection (msmarco-passage/dev/small and trec-dl-2019, or
+    # beir/scifact/train and /test): ir_datasets names the collection that holds a dataset's documents
+    corpus_key = ir_datasets.docs_parent_id(irds_id)
     return Dataset(name=name, corpus_key=corpus_key.replace("/", "__"), corpus=corpus, queries=queries,
                    qrels=qrels, source=f"irds:{irds_id}", stats=stats)
 

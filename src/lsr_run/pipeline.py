@@ -313,7 +313,7 @@ class Experiment:
         return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
 
 
-IGNORED_FOR_IDENTITY = ("stages", "force", "model")
+IGNORED_FOR_IDENTITY = ("stages", "force", "model", "expected")
 
 
 def _identity(cfg: DictConfig) -> dict:
