@@ -297,14 +297,24 @@ class Experiment:
         rd.write_json(self.run.metrics, out)
         return out
 
+    def record_collapse(self) -> None:
+        """metrics.json of a collapsed run: the collapse, and every dataset marked as not scored."""
+        out = {key: {"scored": False} for key in self.eval_sets}
+        out["collapsed"] = True
+        out["collapse"] = {k: self.train_result.get(k) for k in ("step", "reason", "query_terms", "doc_terms")}
+        rd.write_json(self.run.metrics, out)
+
     # ---------------------------------------------------------------- driver
     def execute(self) -> dict:
         for stage in self.stages:
             if not self.dist.is_main and stage not in ("train", "encode"):
                 continue  # other ranks help with training and encoding; rank 0 indexes, searches, evaluates
-            if stage != "train" and self.train_result and self.train_result.get("collapsed"):
-                if stage in ("encode", "index", "search"):
-                    log.warning("%s: training collapsed; evaluating the collapsed model anyway", stage)
+            if stage in ("encode", "index", "search", "evaluate") and self.train_result and \
+                    self.train_result.get("collapsed") and not self.cfg.train.collapse.get("evaluate", False):
+                if stage == "evaluate":
+                    self.record_collapse()
+                log.warning("%s: skipped, training collapsed (train.collapse.evaluate=true scores it anyway)", stage)
+                continue
             start = time.time()
             log.info("stage %s", stage)
             result = getattr(self, f"stage_{stage}")()

@@ -39,6 +39,7 @@ class CollapseSpec:
     patience: int = 3
     dense_fraction: float = 0.5
     min_terms: float = 1.0
+    evaluate: bool = False  # also encode, index and score a collapsed model (dense vectors: slow, large index)
 
 
 @dataclass
