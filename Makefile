@@ -47,11 +47,11 @@ TABLES := outputs/tables
 
 table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / inflated x16 / corrected / bias 0 runs on scifact (~40 min)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu
-	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(TABLES)/head_scaling_cpu/table --baseline plain
+	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(TABLES)/head_scaling_cpu/table --baseline plain --label-from folder
 
 table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives, bi-encoder teacher, on scifact (CPU, ~30 min)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu
-	$(PY) scripts/collect.py $(TABLES)/sampling_cpu --out $(TABLES)/sampling_cpu/table --baseline topk_s1 --extra sampling_stats
+	$(PY) scripts/collect.py $(TABLES)/sampling_cpu --out $(TABLES)/sampling_cpu/table --baseline topk_s1 --label-from folder --extra sampling_stats
 
 table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head scaling x 3 seeds (GPU + internet, days)
 	$(LSR) stages=[inspect] backbone=bert_base_uncased hydra.run.dir=$(TABLES)/head_scaling/inspect_bert

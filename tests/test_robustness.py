@@ -198,3 +198,16 @@ def test_collapse_fires_on_synthetic_collapse_not_on_healthy_run(tmp_path):
     out = strict.train()
     assert out["collapsed"] is True and out["step"] == 2
     assert (tmp_path / "d" / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_collapsed_run_records_step_in_metrics_and_keeps_checkpoint(toy, tmp_path):
+    run_dir = tmp_path / "collapsing"
+    proc = cli(toy_overrides(toy, steps=6) + ["train.collapse.check_every=1", "train.collapse.patience=2",
+                                              "train.collapse.dense_fraction=1e-6", f"hydra.run.dir={run_dir}"],
+               {"LSR_DATA_DIR": str(toy["data"])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training collapsed at step 2" in proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["collapsed"] is True and metrics["collapse"]["step"] == 2
+    assert metrics["toytest"] == {"scored": False}
+    assert (run_dir / "checkpoints" / "last.pt").exists()
