@@ -100,6 +100,46 @@ def load_average() -> list[float] | None:
         return None
 
 
+class Stopwatch:
+    """Wall seconds and CPU seconds (this process plus the children it waited for: JVMs, workers) of a block.
+
+    CPU / wall is the number of cores the block kept busy on average: about the thread count on an idle
+    machine, lower when other processes compete, near 0 when the process was paused; ``starved`` lists the
+    timings where it fell below 0.5, whose wall-clock figures say more about the machine than about the tool.
+    """
+
+    def __enter__(self) -> "Stopwatch":
+        self._wall, self._cpu = time.perf_counter(), self._cpu_now()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu_seconds = self._cpu_now() - self._cpu
+
+    @staticmethod
+    def _cpu_now() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @property
+    def cores(self) -> float:
+        return self.cpu_seconds / max(1e-9, self.seconds)
+
+
+def starved_timings(results, path: str = "") -> list[str]:
+    """Every timing in ``results`` (a dict with seconds and cpu_seconds) that kept less than half a core busy."""
+    found = []
+    if isinstance(results, dict):
+        secs, cpus = results.get("seconds"), results.get("cpu_seconds")
+        pairs = list(zip(secs, cpus)) if isinstance(secs, list) and isinstance(cpus, list) else \
+            [(secs, cpus)] if isinstance(secs, float) and isinstance(cpus, float) else []
+        if any(c / max(1e-9, w) < 0.5 for w, c in pairs):
+            found.append(path)
+        for key, value in results.items():
+            found += starved_timings(value, f"{path}.{key}" if path else key)
+    return found
+
+
 def sync(device) -> None:
     import torch
 
@@ -130,16 +170,15 @@ def pyserini_env() -> dict:
     return env
 
 
-def timed_subprocess(cmd: list[str], env: dict | None = None, log_path: Path | None = None) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+def timed_subprocess(cmd: list[str], env: dict | None = None, log_path: Path | None = None) -> Stopwatch:
+    with Stopwatch() as watch:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if log_path is not None:
         log_path.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{tail}")
-    return seconds
+    return watch
 
 
 class Context:
@@ -226,21 +265,24 @@ def bench_encode(ctx: Context) -> dict:
         bf16 = precision == "bf16"
         run_lsr(texts[:8], bf16), run_st(texts[:8], bf16)  # warm-up (kernel selection, lazy init)
         times: dict[str, list[float]] = {"lsr_run": [], "sentence_transformers": []}
+        cpu: dict[str, list[float]] = {"lsr_run": [], "sentence_transformers": []}
         outputs = {}
         for rep in range(repeats):
             order = [("lsr_run", run_lsr), ("sentence_transformers", run_st)]
             for name, fn in (order if rep % 2 == 0 else order[::-1]):  # alternate who runs first
                 sync(ctx.device)
-                start = time.perf_counter()
-                outputs[name] = fn(texts, bf16)
-                sync(ctx.device)
-                times[name].append(time.perf_counter() - start)
+                with Stopwatch() as watch:
+                    outputs[name] = fn(texts, bf16)
+                    sync(ctx.device)
+                times[name].append(watch.seconds)
+                cpu[name].append(watch.cpu_seconds)
         a, b = outputs["lsr_run"], outputs["sentence_transformers"]
         diff = (a - b).abs()
         qa, qb = torch.round(a * 100), torch.round(b * 100)
         active = (qa > 0) | (qb > 0)
         entry = {
             "seconds": times,
+            "cpu_seconds": cpu,
             "docs_per_second": {k: n / min(v) for k, v in times.items()},
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff_active": float(diff[active].mean()) if active.any() else 0.0,
@@ -268,15 +310,16 @@ def bench_encode(ctx: Context) -> dict:
             return emb.to_dense().to("cpu", torch.float32)
 
         run_st16(texts[:8])
-        seconds = []
+        seconds, cpu_seconds = [], []
         for _ in range(repeats):
             sync(ctx.device)
-            start = time.perf_counter()
-            out16 = run_st16(texts)
-            sync(ctx.device)
-            seconds.append(time.perf_counter() - start)
+            with Stopwatch() as watch:
+                out16 = run_st16(texts)
+                sync(ctx.device)
+            seconds.append(watch.seconds)
+            cpu_seconds.append(watch.cpu_seconds)
         result["sentence_transformers_bf16_weights"] = {
-            "seconds": seconds, "docs_per_second": n / min(seconds),
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "docs_per_second": n / min(seconds),
             "max_abs_diff_vs_lsr_run_fp32": float((out16 - lsr_fp32).abs().max())}
         log.info("encode sentence-transformers, bf16 weights: %.1f docs/s", n / min(seconds))
         if n / min(seconds) > result["best"]["sentence_transformers"]["docs_per_second"]:
@@ -458,14 +501,15 @@ def train_worker(argv: list[str]) -> None:
     for i in range(1, a.warmup):
         step(i)
     sync(device)
-    times = []
+    times, cpu = [], []
     for i in range(a.warmup, a.warmup + a.steps):
-        start = time.perf_counter()
-        step(i)
-        sync(device)
-        times.append(time.perf_counter() - start)
+        with Stopwatch() as watch:
+            step(i)
+            sync(device)
+        times.append(watch.seconds)
+        cpu.append(watch.cpu_seconds)
     median = sorted(times)[len(times) // 2]
-    result = {"seconds_per_step": times, "median_seconds_per_step": median,
+    result = {"seconds": times, "cpu_seconds": cpu, "median_seconds_per_step": median,
               "examples_per_second": TRAIN_BATCH / median, "first_step": first,
               "rss_at_start_mb": rss_start, "rss_before_steps_mb": rss_before,
               "peak_rss_before_steps_mb": peak_before, "peak_rss_mb": peak_rss_mb(),
@@ -532,10 +576,21 @@ def compare_top10(a: dict, b: dict, qids: list[str]) -> dict:
             "same_top10_scores": same_scores / n}
 
 
+def probe_jvm() -> float:
+    """lsr-run asks the JVM once per process whether it has jdk.incubator.vector (cached): done before timing,
+    so each timed call pays only its own JVM start. Returns the probe's seconds (a one-off cost per process)."""
+    from lsr_run.java import _has_vector_module
+
+    with Stopwatch() as watch:
+        _has_vector_module()
+    return watch.seconds
+
+
 def bench_search(ctx: Context) -> dict:
     from lsr_run.backends.lucene import LuceneImpactBackend, _threads
     from lsr_run.encoding import read_query_vectors
 
+    probe_seconds = probe_jvm()
     found = find_encoded_scifact()
     source = "existing run" if found else "fallback subset (untrained model)"
     index, queries_path = found or build_fallback_index(ctx)
@@ -557,7 +612,7 @@ def bench_search(ctx: Context) -> dict:
                     "queries": len(queries), "distinct_queries": len(base), "copies": copies,
                     "mean_query_terms": sum(len(v) for v in base.values()) / max(1, len(base)),
                     "queries_cut_to_max_terms": truncated, "max_query_terms": MAX_QUERY_TERMS,
-                    "threads": threads, "runs": {}}
+                    "threads": threads, "lsr_run_jvm_probe_seconds": probe_seconds, "runs": {}}
 
     def topics(path: Path, qs: dict) -> Path:  # the pre-tokenised form lsr-run writes: term repeated impact times
         with open(path, "w", encoding="utf-8") as f:
@@ -567,10 +622,10 @@ def bench_search(ctx: Context) -> dict:
 
     def lsr(name: str, qs: dict, n_threads: int) -> None:
         run = work / f"{name}.trec"
-        start = time.perf_counter()
-        LuceneImpactBackend(threads=n_threads).search(index, qs, SEARCH_K, run)
-        result["runs"][name] = {"seconds": time.perf_counter() - start, "queries": len(qs), "threads": n_threads}
-        result["runs"][name]["run_file"] = str(run)
+        with Stopwatch() as watch:
+            LuceneImpactBackend(threads=n_threads).search(index, qs, SEARCH_K, run)
+        result["runs"][name] = {"seconds": watch.seconds, "cpu_seconds": watch.cpu_seconds, "queries": len(qs),
+                                "threads": n_threads, "run_file": str(run)}
 
     def pyserini(name: str, qs: dict, n_threads: int, batch: int) -> None:
         run = work / f"{name}.trec"
@@ -578,11 +633,11 @@ def bench_search(ctx: Context) -> dict:
                "--index", str(index), "--topics", str(topics(work / f"{name}.topics.tsv", qs)), "--output", str(run),
                "--impact", "--pretokenized", "--min-idf", "-1", "--hits", str(SEARCH_K),
                "--threads", str(n_threads), "--batch-size", str(batch)]
-        seconds = timed_subprocess(cmd, env=pyserini_env(), log_path=work / f"{name}.log")
+        watch = timed_subprocess(cmd, env=pyserini_env(), log_path=work / f"{name}.log")
         if not run.exists():  # a wrong index path exits 0 without a run file
             raise RuntimeError(f"Pyserini wrote no run file {run}; see {work / f'{name}.log'}")
-        result["runs"][name] = {"seconds": seconds, "queries": len(qs), "threads": n_threads, "batch_size": batch,
-                                "run_file": str(run)}
+        result["runs"][name] = {"seconds": watch.seconds, "cpu_seconds": watch.cpu_seconds, "queries": len(qs),
+                                "threads": n_threads, "batch_size": batch, "run_file": str(run)}
 
     plan = [("lsr_run_one", lambda: lsr("lsr_run_one", one, threads)),
             ("pyserini_one", lambda: pyserini("pyserini_one", one, 1, 1)),
@@ -668,6 +723,7 @@ def bench_index(ctx: Context) -> dict:
     from lsr_run.models.backbone import BackboneSpec, resolve_model_path
 
     n = size("index_docs", ctx.quick)
+    probe_jvm()
     work = ctx.work / "index"
     shutil.rmtree(work, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(BackboneSpec().model_id))
@@ -679,20 +735,23 @@ def bench_index(ctx: Context) -> dict:
     result: dict = {"corpus": stats, "threads": threads, "shard_size": shard_size, "runs": {}}
 
     index = work / "lsr_run_index"
-    start = time.perf_counter()
-    LuceneImpactBackend().build(work / "corpus", index)
-    seconds = time.perf_counter() - start
-    result["runs"]["lsr_run"] = {"seconds": seconds, "docs_per_second": n / seconds, "index_mb": dir_mb(index)}
+    with Stopwatch() as watch:
+        LuceneImpactBackend().build(work / "corpus", index)
+    seconds = watch.seconds
+    result["runs"]["lsr_run"] = {"seconds": seconds, "cpu_seconds": watch.cpu_seconds, "docs_per_second": n / seconds,
+                                 "index_mb": dir_mb(index)}
     log.info("index lsr-run: %d docs in %.1f s (%.0f docs/s)", n, seconds, n / seconds)
 
     index = work / "pyserini_index"
     cmd = [sys.executable, str(Path(__file__).resolve()), "_pyserini", "pyserini.index.lucene",
            "--collection", "JsonVectorCollection", "--input", str(work / "corpus"), "--index", str(index),
            "--generator", "DefaultLuceneDocumentGenerator", "--impact", "--pretokenized", "--threads", str(threads)]
-    seconds = timed_subprocess(cmd, env=pyserini_env(), log_path=work / "pyserini_index.log")
+    watch = timed_subprocess(cmd, env=pyserini_env(), log_path=work / "pyserini_index.log")
+    seconds = watch.seconds
     if not any(index.glob("segments_*")):
         raise RuntimeError(f"Pyserini built no index at {index}; see {work / 'pyserini_index.log'}")
-    result["runs"]["pyserini"] = {"seconds": seconds, "docs_per_second": n / seconds, "index_mb": dir_mb(index)}
+    result["runs"]["pyserini"] = {"seconds": seconds, "cpu_seconds": watch.cpu_seconds, "docs_per_second": n / seconds,
+                                  "index_mb": dir_mb(index)}
     log.info("index pyserini: %d docs in %.1f s (%.0f docs/s)", n, seconds, n / seconds)
     result["ratio_docs_per_second"] = ratio(result["runs"]["lsr_run"]["docs_per_second"],
                                             result["runs"]["pyserini"]["docs_per_second"])
@@ -702,11 +761,11 @@ def bench_index(ctx: Context) -> dict:
     if threads > 1 and stats["shards"] < threads:
         split_shards(work / "corpus", work / "corpus_split", threads)
         index = work / "lsr_run_index_split"
-        start = time.perf_counter()
-        LuceneImpactBackend().build(work / "corpus_split", index)
-        seconds = time.perf_counter() - start
-        result["runs"]["lsr_run_split"] = {"seconds": seconds, "docs_per_second": n / seconds, "shards": threads,
-                                           "index_mb": dir_mb(index)}
+        with Stopwatch() as watch:
+            LuceneImpactBackend().build(work / "corpus_split", index)
+        seconds = watch.seconds
+        result["runs"]["lsr_run_split"] = {"seconds": seconds, "cpu_seconds": watch.cpu_seconds,
+                                           "docs_per_second": n / seconds, "shards": threads, "index_mb": dir_mb(index)}
         result["ratio_split_vs_one_shard"] = ratio(n / seconds, result["runs"]["lsr_run"]["docs_per_second"])
         log.info("index lsr-run, %d shards: %d docs in %.1f s (%.0f docs/s)", threads, n, seconds, n / seconds)
     return result
@@ -816,6 +875,9 @@ def table(results: dict) -> str:
              "ratio = lsr-run / reference (throughput: >1 better; seconds, MB: <1 better)"]
     if enc and len(enc["precisions"]) > 1:
         notes.append("encode bf16: both under torch.autocast(bfloat16) (SparseEncoder.encode wrapped by the caller)")
+    env = results.get("environment", {})
+    notes.append(f"load average at start {env.get('load_average_start')}; timings that kept < 0.5 core busy "
+                 f"(machine contended or process paused): {', '.join(results.get('starved_timings', [])) or 'none'}")
     return "\n".join(lines + notes)
 
 
@@ -890,6 +952,8 @@ def main() -> None:
         results[name]["section_seconds"] = time.perf_counter() - start
         results[name]["load_average_end"] = load_average()
         out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a later failure
+    results["starved_timings"] = starved_timings({k: v for k, v in results.items() if k in SECTIONS})
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"figures: {out}")
 
