@@ -92,7 +92,7 @@ def toy(tmp_path):
 
 def toy_overrides(toy, steps=6):
     return ["backbone=tiny_bert", "index=brute_force", "candidates=run_file", f"candidates.path={toy['candidates']}",
-            "data.train.name=toy", "data.train.irds_id=null", "eval.datasets={toytest: {name: toytest, split: test}}",
+            "data.train.name=toy", "data.train.irds_id=null", "eval=none", "+eval.datasets.toytest={name: toytest, split: test}",
             f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=2", "train.log_every=1",
             "train.warmup_steps=1", "regularizer.warmup_steps=3", "train.doc_max_length=48", "train.bf16=false",
             "encode.doc_max_length=48", "encode.bf16=false", "train.lr=1e-3"]
@@ -103,7 +103,10 @@ def cli(args, env_extra=None, wait=True):
     cmd = [sys.executable, "-m", "lsr_run.cli", *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
+    proc.stderr = proc.stdout  # logs (stdout) and errors (stderr) in the order they were written
+    return proc
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -72,7 +72,7 @@ def _lsr_run(args, cwd):
 
 def test_cli_short_real_run_then_reload_and_evaluate(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    common = ["eval.datasets={adi: {name: adi, split: test}}", "train.doc_max_length=128",
+    common = ["eval=none", "+eval.datasets.adi={name: adi, split: test}", "train.doc_max_length=128",
               "encode.doc_max_length=128"]
     proc = _lsr_run(["backbone=minilm_l6", "data.train.max_queries=48", "train.max_steps=4", "train.batch_size=4",
                      "train.log_every=1", "train.save_every=2", "candidates.depth=20", "train.collapse.check_every=1", *common,

@@ -88,7 +88,7 @@ def _experiment(overrides, tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.lr=-1"], "train.lr=-1.0: out of range"),
-    (["train.batch_size=abc"], "train: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["train.batch_size=abc"], "train.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     (["head_scaling=constant", "head_scaling.k=0"], "head_scaling.k=0: must be > 0"),
     (["sampling.num_negatives=80"], "sampling.num_negatives=80 is larger than the candidate pool (candidates.depth=50)"),
     (["loss=kl_div"], "needs teacher scores but teacher=none"),
@@ -114,14 +114,14 @@ def test_unknown_key_rejected_by_hydra():
 
 def test_external_failures_give_one_clear_message(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
-    jvm = cli(["experiment=bm25", "eval.datasets={toytest: {name: toytest}}", f"hydra.run.dir={tmp_path / 'j'}"],
+    jvm = cli(["experiment=bm25", "eval=none", "+eval.datasets.toytest={name: toytest}", f"hydra.run.dir={tmp_path / 'j'}"],
               {**env, "LSR_JAVA": str(tmp_path / "no-java")})
     assert jvm.returncode == 2 and "JVM" in jvm.stderr and "LSR_JAVA" in jvm.stderr
     assert "Traceback" not in jvm.stderr
     hub = cli(["stages=[inspect]", "backbone=bert_base_uncased", f"hydra.run.dir={tmp_path / 'h'}"], env)
     assert hub.returncode == 2 and "cannot be loaded" in hub.stderr and "backbone.model_id" in hub.stderr
     assert "Traceback" not in hub.stderr
-    data = cli(["experiment=bm25", "eval.datasets={nope: {name: nope}}", f"hydra.run.dir={tmp_path / 'd'}"], env)
+    data = cli(["experiment=bm25", "eval=none", "+eval.datasets.nope={name: nope}", f"hydra.run.dir={tmp_path / 'd'}"], env)
     assert data.returncode == 2 and "LSR_DATA_DIR" in data.stderr and "Traceback" not in data.stderr
 
 

@@ -43,7 +43,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, root)
     except LsrError as e:
-        log.error("%s", e)
+        log.error("%s", e)  # into the run's log file
+        print(f"lsr-run: error: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:
             rd.write_json(root / "failed.json", {"error": str(e), "type": type(e).__name__})
             return None

@@ -40,7 +40,8 @@ def structured(cls, node, key: str):
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}") from None
+        where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) else key
+        raise ConfigError(f"{where}: {msg}") from None
 
 
 @dataclass
