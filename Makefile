@@ -27,13 +27,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install lsr-run with torch pinned first
 
-demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU, ~20 min)
+demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU, ~20-25 min on 2 quiet cores)
 	$(LSR) experiment=demo
 
 bm25: $(STAMP) ## BM25 baseline (k1=0.9, b=0.4, title+text) on the local suite
 	$(LSR) experiment=bm25
 
-test: $(STAMP) ## every test: fast unit tests and the integration tests on ../shared/data (~15 min)
+test: $(STAMP) ## every test: fast unit tests and the integration tests on ../shared/data (~10 min)
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP) ## unit tests only (tiny random models, no Java)
@@ -45,11 +45,11 @@ clean: ## remove outputs (keeps .venv)
 # ---------------------------------------------------------------- paper tables
 TABLES := outputs/tables
 
-table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / inflated x16 / corrected / bias 0 runs on scifact (~40 min)
+table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / inflated x16 / corrected / bias 0 runs on scifact (~30 min)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu
 	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(TABLES)/head_scaling_cpu/table --baseline plain --label-from folder
 
-table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives, bi-encoder teacher, on scifact (CPU, ~30 min)
+table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives, bi-encoder teacher, on scifact (CPU, ~45 min)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu
 	$(PY) scripts/collect.py $(TABLES)/sampling_cpu --out $(TABLES)/sampling_cpu/table --baseline topk_s1 --label-from folder --extra sampling_stats
 
