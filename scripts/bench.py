@@ -680,7 +680,7 @@ def bench_search(ctx: Context) -> dict:
 
 
 # ==================================================================================== 4. index build
-def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shard_size: int = 100_000) -> dict:
+def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shards: int = 1) -> dict:
     """JsonVectorCollection shards of ``n_docs`` random sparse documents.
 
     Terms: Zipf(s=1.1) over a seeded permutation of the BERT vocabulary (a few hundred frequent terms occur in
@@ -689,7 +689,7 @@ def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shard
     """
     import numpy as np
 
-    from lsr_run.impacts import term_vocabulary, write_vectors
+    from lsr_run.impacts import term_vocabulary, vector_line
 
     rng = np.random.default_rng(seed)
     terms = term_vocabulary(tokenizer)
@@ -698,17 +698,19 @@ def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shard
     cdf = np.cumsum(p / p.sum())
     out_dir.mkdir(parents=True, exist_ok=True)
     total_terms = 0
-    for s, start in enumerate(range(0, n_docs, shard_size)):
-        rows = []
-        for i in range(start, min(start + shard_size, n_docs)):
+    files = [open(out_dir / f"part-{k:05d}.jsonl", "w", encoding="utf-8") for k in range(shards)]
+    try:
+        for i in range(n_docs):  # document i into shard i mod shards, as lsr-run's encode stage deals them
             draws = int(rng.integers(150, 900))
             ids = np.unique(np.searchsorted(cdf, rng.random(draws)))
             ids = ids[ids < len(vocab)]
             weights = np.clip(np.rint(100 * rng.lognormal(math.log(0.6), 0.7, len(ids))), 1, 500).astype(int)
-            rows.append((f"doc{i}", dict(zip(vocab[ids].tolist(), weights.tolist()))))
+            files[i % shards].write(vector_line(f"doc{i}", dict(zip(vocab[ids].tolist(), weights.tolist()))))
             total_terms += len(ids)
-        write_vectors(out_dir / f"part-{s:05d}.jsonl", rows)
-    return {"docs": n_docs, "mean_terms_per_doc": total_terms / max(1, n_docs), "shards": s + 1}
+    finally:
+        for f in files:
+            f.close()
+    return {"docs": n_docs, "mean_terms_per_doc": total_terms / max(1, n_docs), "shards": shards}
 
 
 def split_shards(src: Path, dst: Path, parts: int) -> int:
@@ -730,7 +732,7 @@ def bench_index(ctx: Context) -> dict:
     from transformers import AutoTokenizer
 
     from lsr_run.backends.lucene import LuceneImpactBackend, _threads
-    from lsr_run.encoding import EncodeSpec
+    from lsr_run.encoding import EncodeSpec, shard_count
     from lsr_run.models.backbone import BackboneSpec, resolve_model_path
 
     n = size("index_docs", ctx.quick)
@@ -738,12 +740,12 @@ def bench_index(ctx: Context) -> dict:
     work = ctx.work / "index"
     shutil.rmtree(work, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(BackboneSpec().model_id))
-    shard_size = EncodeSpec().shard_size  # the layout lsr-run's encode stage writes
-    start = time.perf_counter()
-    stats = synthetic_corpus(work / "corpus", n, tokenizer, shard_size=shard_size)
-    stats["generate_seconds"] = time.perf_counter() - start
     threads = _threads(0)
-    result: dict = {"corpus": stats, "threads": threads, "shard_size": shard_size, "runs": {}}
+    shards = shard_count(n, EncodeSpec().shard_size, threads)  # the layout lsr-run's encode stage writes
+    start = time.perf_counter()
+    stats = synthetic_corpus(work / "corpus", n, tokenizer, shards=shards)
+    stats["generate_seconds"] = time.perf_counter() - start
+    result: dict = {"corpus": stats, "threads": threads, "shards": shards, "runs": {}}
 
     index = work / "lsr_run_index"
     with Stopwatch() as watch:
@@ -767,18 +769,18 @@ def bench_index(ctx: Context) -> dict:
     result["ratio_docs_per_second"] = ratio(result["runs"]["lsr_run"]["docs_per_second"],
                                             result["runs"]["pyserini"]["docs_per_second"])
 
-    # IndexCollection gives each input file to one thread: the same documents in one shard per thread show
-    # what a smaller encode.shard_size would buy
-    if threads > 1 and stats["shards"] < threads:
-        split_shards(work / "corpus", work / "corpus_split", threads)
-        index = work / "lsr_run_index_split"
+    # IndexCollection gives each input file to one thread: the same documents in one file (the layout before
+    # encode wrote one shard per indexing thread) show what that layout buys
+    if shards > 1:
+        split_shards(work / "corpus", work / "corpus_one", 1)
+        index = work / "lsr_run_index_one_shard"
         with Stopwatch() as watch:
-            LuceneImpactBackend().build(work / "corpus_split", index)
+            LuceneImpactBackend().build(work / "corpus_one", index)
         seconds = watch.seconds
-        result["runs"]["lsr_run_split"] = {"seconds": seconds, "cpu_seconds": watch.cpu_seconds,
-                                           "docs_per_second": n / seconds, "shards": threads, "index_mb": dir_mb(index)}
-        result["ratio_split_vs_one_shard"] = ratio(n / seconds, result["runs"]["lsr_run"]["docs_per_second"])
-        log.info("index lsr-run, %d shards: %d docs in %.1f s (%.0f docs/s)", threads, n, seconds, n / seconds)
+        result["runs"]["lsr_run_one_shard"] = {"seconds": seconds, "cpu_seconds": watch.cpu_seconds,
+                                               "docs_per_second": n / seconds, "shards": 1, "index_mb": dir_mb(index)}
+        result["ratio_shards_vs_one_shard"] = ratio(result["runs"]["lsr_run"]["docs_per_second"], n / seconds)
+        log.info("index lsr-run, one shard: %d docs in %.1f s (%.0f docs/s)", n, seconds, n / seconds)
     return result
 
 
@@ -874,10 +876,10 @@ def table(results: dict) -> str:
                               f"{ix['corpus']['mean_terms_per_doc']:.0f} terms)",
                      fmt(r["lsr_run"]["docs_per_second"], ".0f"), fmt(r["pyserini"]["docs_per_second"], ".0f"),
                      fmt(ix["ratio_docs_per_second"], ".2f")))
-        if "lsr_run_split" in r:
-            rows.append(("index", f"docs/s, corpus in {r['lsr_run_split']['shards']} shards (vs 1 shard)",
-                         fmt(r["lsr_run_split"]["docs_per_second"], ".0f"), fmt(r["lsr_run"]["docs_per_second"], ".0f"),
-                         fmt(ix["ratio_split_vs_one_shard"], ".2f")))
+        if "lsr_run_one_shard" in r:
+            rows.append(("index", f"docs/s, corpus in {ix['shards']} shards (vs the same docs in 1 shard)",
+                         fmt(r["lsr_run"]["docs_per_second"], ".0f"), fmt(r["lsr_run_one_shard"]["docs_per_second"], ".0f"),
+                         fmt(ix["ratio_shards_vs_one_shard"], ".2f")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]

@@ -27,3 +27,50 @@ def test_term_vocabulary_is_unique_and_whitespace_free():
     terms = term_vocabulary(Tok())
     assert len(set(terms)) == 4
     assert not any(" " in t or not t for t in terms)
+
+
+def test_to_sparse_equals_a_row_by_row_reference_including_order():
+    g = torch.Generator().manual_seed(0)
+    impacts = torch.randint(0, 4, (6, 50), generator=g, dtype=torch.int32)  # many ties, zeros
+    impacts[2] = 0  # an all-zero row keeps its place
+    terms = [f"t{i}" for i in range(50)]
+    for row, got in zip(impacts, to_sparse(impacts, terms)):
+        idx = [i for i in range(50) if row[i] > 0]
+        want = sorted(((terms[i], int(row[i])) for i in idx), key=lambda x: -x[1])  # stable: vocabulary order
+        assert list(got.items()) == want
+
+
+def test_shard_count_covers_the_indexing_threads_and_the_size_cap():
+    from lsr_run.encoding import shard_count
+
+    assert shard_count(1000, 100_000, 1) == 1
+    assert shard_count(1000, 100_000, 4) == 4  # one file per indexing thread
+    assert shard_count(1000, 300, 2) == 4  # the size cap wins when it needs more files
+    assert shard_count(3, 0, 8) == 3  # never an empty shard
+    assert shard_count(0, 100, 2) == 1
+
+
+def test_encode_corpus_shards_hold_every_document_once_with_the_encoder_vectors(tmp_path):
+    import json
+
+    from conftest import make_tiny_encoder, write_beir
+    from lsr_run.data import load_folder
+    from lsr_run.encoding import EMPTY_DOC_TERM, EncodeSpec, encode_corpus, encode_texts
+
+    docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene"] * (i % 7 + 1))) for i in range(23)}
+    docs["d5"] = ("", "   ")  # blank: indexed with the filler term, never matched
+    ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test")
+    encoder = make_tiny_encoder("bert").eval()
+    spec = EncodeSpec(batch_size=4, doc_max_length=32, bf16=False)
+    stats = encode_corpus(encoder, ds.corpus, tmp_path / "vectors", spec, min_shards=3)
+    shards = sorted((tmp_path / "vectors").glob("part-*.jsonl"))
+    assert stats["shards"] == len(shards) == 3 and not list((tmp_path / "vectors").glob("*.tmp"))
+    rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]
+    sizes = [len(s.read_text().splitlines()) for s in shards]
+    assert sorted(r["id"] for r in rows) == sorted(docs) and max(sizes) - min(sizes) <= 1
+    ids = ds.corpus.ids()
+    want = dict(zip(ids, encode_texts(encoder, [ds.corpus.text(i) for i in ids], 32, 4, False, None)))
+    for r in rows:
+        assert r["vector"] == ({EMPTY_DOC_TERM: 1} if r["id"] == "d5" else want[r["id"]]), r["id"]
+    assert stats["empty_docs"] == 1
+    assert abs(stats["doc_terms"] - sum(len(want[i]) for i in ids if i != "d5") / len(ids)) < 1e-9

@@ -32,8 +32,8 @@ def test_lucene_impact_search_equals_brute_force(minilm, data_dir, tmp_path):
 
     ds = load_dataset("adi", "test")
     spec = EncodeSpec(batch_size=16, doc_max_length=128, bf16=False)
-    stats = encode_corpus(minilm, ds.corpus, tmp_path / "vectors", spec)
-    assert stats["docs"] == 82 and stats["doc_terms"] > 10
+    stats = encode_corpus(minilm, ds.corpus, tmp_path / "vectors", spec, min_shards=2)  # 2 files, 2 threads
+    assert stats["docs"] == 82 and stats["doc_terms"] > 10 and stats["shards"] == 2
     encode_queries(minilm, ds.judged_queries(), tmp_path / "queries.jsonl", spec)
     queries = read_query_vectors(tmp_path / "queries.jsonl")
     runs = {}

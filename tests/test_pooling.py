@@ -40,6 +40,33 @@ def test_max_logits_matches_full_projection_and_gradients():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_max_logits_inference_path_equals_the_autograd_path():
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(3, 6, 8), torch.randn(37, 8), torch.randn(37)
+    for mask in (torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1, 1, 0, 0, 0, 0]]), torch.ones(3, 6, dtype=torch.long)):
+        full = (hidden @ weight.T + bias).masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
+        with torch.inference_mode():  # the encoding path: no index kept, no mask pass without padding
+            fast = max_logits(hidden, weight, bias, mask, chunk=10)
+        slow = max_logits(hidden, weight.requires_grad_(), bias, mask, chunk=10)
+        weight.requires_grad_(False)
+        assert torch.allclose(full, fast, atol=1e-6) and torch.equal(fast, slow.detach())
+
+
+def test_per_text_and_batched_tilings_agree():
+    from lsr_run.models.max_logits import _forward
+
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(4, 9, 8), torch.randn(20000, 8)  # more entries than one per-text tile
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7, [1] * 9])
+    full = (hidden @ weight.T).masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+    for with_index in (False, True):
+        rows = _forward(hidden, weight, mask, 4096, with_index, per_row=True)
+        batched = _forward(hidden, weight, mask, 4096, with_index, per_row=False)
+        assert torch.allclose(rows[0], full.amax(1), atol=1e-5) and torch.allclose(batched[0], full.amax(1), atol=1e-5)
+        if with_index:
+            assert torch.equal(rows[1], full.argmax(1)) and torch.equal(batched[1], full.argmax(1))
+
+
 def test_encoder_chunked_equals_full(tiny_kind):
     chunked = make_tiny_encoder(tiny_kind, chunk=1000)
     full = make_tiny_encoder(tiny_kind, chunk=0)

@@ -1,7 +1,10 @@
 """Data-parallel training and sharded encoding on PyTorch's own engine (``torchrun``, DDP).
 
 Launch: ``torchrun --nproc_per_node=N -m lsr_run.cli ... hydra.run.dir=D`` (give the run directory
-explicitly: every rank must agree on it). Single-process runs use the same code with a world of one.
+explicitly: every rank must agree on it), or a Hydra sweep through submitit (``hydra/launcher=slurm``, one
+task per GPU, any number of nodes; ``submitit_local`` runs the same on one machine): the tasks of one submitit
+job form one world, set up from submitit's job environment. Single-process runs use the same code with a
+world of one.
 
 Invariant: results do not depend on the number of processes. ``train.batch_size`` is the global batch; each
 rank encodes its contiguous slice, then query and document representations are gathered (autograd-aware) so
@@ -66,9 +69,23 @@ class Dist:
 _CURRENT = Dist()
 
 
+def _export_submitit_env() -> None:
+    """Inside a submitit job with several tasks (SLURM or submitit's local executor), export the variables
+    torchrun would set (MASTER_ADDR/PORT from the job's first host and id, RANK, WORLD_SIZE, LOCAL_RANK)."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)  # this rank picks cuda:LOCAL_RANK itself
+
+
 def init() -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else a world of one."""
+    """Join the process group when launched by torchrun or a multi-task submitit job (WORLD_SIZE > 1);
+    else a world of one."""
     global _CURRENT
+    _export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         _CURRENT = Dist()

@@ -40,14 +40,22 @@ def quantize(weights: torch.Tensor, scale: int = QUANTIZATION_SCALE) -> torch.Te
 
 def to_sparse(impacts: torch.Tensor, terms: list[str]) -> list[SparseVector]:
     """(B, V) int impacts -> one {term: impact} dict per row, zeros dropped, terms by decreasing impact."""
-    out = []
     impacts = impacts.cpu()
-    for row in impacts:
-        idx = torch.nonzero(row > 0).squeeze(1)
-        values = row[idx]
-        order = torch.argsort(values, descending=True, stable=True)
-        out.append({terms[int(i)]: int(v) for i, v in zip(idx[order].tolist(), values[order].tolist())})
+    rows, cols = torch.nonzero(impacts > 0, as_tuple=True)
+    values = impacts[rows, cols].long()
+    # one sort for the whole batch: by row, then by decreasing impact (stable: ties keep vocabulary order)
+    order = torch.argsort(rows.long() * (int(values.max()) + 1 if len(values) else 1) - values, stable=True)
+    counts = torch.bincount(rows, minlength=impacts.shape[0]).tolist()
+    cols, values = cols[order].tolist(), values[order].tolist()
+    out, start = [], 0
+    for n in counts:
+        out.append({terms[c]: v for c, v in zip(cols[start:start + n], values[start:start + n])})
+        start += n
     return out
+
+
+def vector_line(doc_id: str, vec: SparseVector, id_key: str = "id") -> str:
+    return json.dumps({id_key: doc_id, "contents": "", "vector": vec}, ensure_ascii=False) + "\n"
 
 
 def write_vectors(path: Path, rows: Iterable[tuple[str, SparseVector]], id_key: str = "id") -> int:
@@ -55,7 +63,7 @@ def write_vectors(path: Path, rows: Iterable[tuple[str, SparseVector]], id_key: 
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for doc_id, vec in rows:
-            f.write(json.dumps({id_key: doc_id, "contents": "", "vector": vec}, ensure_ascii=False) + "\n")
+            f.write(vector_line(doc_id, vec, id_key))
             n += 1
     return n
 

@@ -236,7 +236,8 @@ class Experiment:
 
                     shutil.rmtree(corpus_dir)
                 self.dist.barrier()
-                encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec, self.dist.rank, self.dist.world)
+                encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec, self.dist.rank, self.dist.world,
+                              min_shards=getattr(self.backend, "indexing_threads", 1))
                 self.dist.barrier()
                 if self.dist.is_main:
                     stats = merge_stats(corpus_dir)

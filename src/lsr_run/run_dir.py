@@ -168,4 +168,4 @@ def package_versions() -> dict:
 
 def run_metadata(seed: int) -> dict:
     return {"git": git_state(), "packages": package_versions(), "seed": seed, "hardware": hardware(),
-            "argv": sys.argv}
+            "argv": sys.argv, "host": platform.node(), "pid": os.getpid()}

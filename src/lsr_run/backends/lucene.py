@@ -53,6 +53,11 @@ class LuceneImpactBackend:
     heap: str = "4g"
     needs_vectors: bool = True
 
+    @property
+    def indexing_threads(self) -> int:
+        """Anserini indexes one input file per thread: the encode stage writes at least this many shards."""
+        return _threads(self.threads)
+
     def build(self, vectors_dir: Path, index_dir: Path) -> dict:
         with atomic_path(index_dir) as tmp:
             run_anserini("index.IndexCollection",

@@ -2,15 +2,23 @@
 
 SPLADE needs, per text and vocabulary entry, max_t (h_t . E_v + b_v) over real tokens. The naive way builds the
 (B, L, V) logits tensor and keeps it for backward (30k-50k wide per token). ``max_logits`` computes the
-projection in vocabulary chunks, keeps only the running max and the winning token per (text, entry), and in
-backward scatters the gradient back onto the winning tokens only, for the vocabulary entries that
-received a gradient: two matmuls per chunk, peak memory
-O(B * L * chunk) instead of O(B * L * V). Output equals ``(h @ E.T + b).masked_fill(pad, -inf).amax(1)``.
+projection in tiles, keeps only the running max and (when training) the winning token per (text, entry), and in
+backward scatters the gradient back onto the winning tokens only, for the vocabulary entries that received a
+gradient: two matmuls per chunk, peak memory O(B * L * chunk) instead of O(B * L * V).
+Output equals ``(h @ E.T + b).masked_fill(pad, -inf).amax(1)``.
+
+Forward tiling depends on the device. On a CPU one text at a time over its real tokens: no padding to mask, and
+each (8192 x tokens) tile is reduced along its contiguous last dimension while still in cache (32 texts x 256
+tokens, bf16, 2 cores: 0.36 s against 0.82 s for batched tiles without the winning index, 0.77 s against 1.0 s
+with it). On a GPU, batched (B, L, chunk) tiles: a few large matmuls instead of many small launches.
 """
 
 from __future__ import annotations
 
 import torch
+
+# vocabulary entries per (entries x tokens) tile when a CPU encodes one text at a time: a few MB per text
+ROW_CHUNK = 8192
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -19,22 +27,47 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, with_index: bool,
+             per_row: bool | None = None):
+    """(B, L, H) hidden, (V, H) weight in the compute dtype -> float32 (B, V) max logits without bias and,
+    ``with_index``, the (B, V) position of the winning token. ``per_row``: one text at a time (default: on CPU)."""
+    b, vocab = h.shape[0], w.shape[0]
+    values = torch.empty(b, vocab, dtype=torch.float32, device=h.device)
+    index = torch.zeros(b, vocab, dtype=torch.long, device=h.device) if with_index else None
+    real = mask.bool()
+    if per_row if per_row is not None else h.device.type == "cpu":
+        for row in range(b):
+            positions = torch.nonzero(real[row]).squeeze(1)
+            if positions.numel() == 0:
+                values[row] = float("-inf")
+                continue
+            hr = h[row, positions].T  # (H, n)
+            for start in range(0, vocab, ROW_CHUNK):
+                logits = torch.matmul(w[start:start + ROW_CHUNK], hr)  # (C, n)
+                if with_index:
+                    v, i = logits.max(dim=1)
+                    index[row, start:start + ROW_CHUNK] = positions[i]
+                else:
+                    v = logits.amax(dim=1)
+                values[row, start:start + ROW_CHUNK] = v
+        return values, index
+    pad = ~real.unsqueeze(-1)
+    for start in range(0, vocab, chunk):
+        logits = torch.matmul(h, w[start:start + chunk].T)  # (B, L, C)
+        logits.masked_fill_(pad, float("-inf"))
+        if with_index:
+            v, i = logits.max(dim=1)
+            index[:, start:start + chunk] = i
+        else:
+            v = logits.amax(dim=1)
+        values[:, start:start + chunk] = v
+    return values, index
+
+
 class _MaxLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, mask, chunk, dtype):
-        b, length, _ = hidden.shape
-        vocab = weight.shape[0]
-        h = hidden.to(dtype)
-        pad = ~mask.bool().unsqueeze(-1)
-        values = torch.empty(b, vocab, dtype=torch.float32, device=hidden.device)
-        index = torch.empty(b, vocab, dtype=torch.long, device=hidden.device)
-        for start in range(0, vocab, chunk):
-            end = min(start + chunk, vocab)
-            logits = torch.matmul(h, weight[start:end].to(dtype).T)  # (B, L, C)
-            logits.masked_fill_(pad, float("-inf"))
-            v, i = logits.max(dim=1)
-            values[:, start:end] = v.float()
-            index[:, start:end] = i
+        values, index = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=True)
         if bias is not None:
             values += bias.float()
         ctx.save_for_backward(hidden, weight, index)
@@ -73,4 +106,10 @@ def max_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """(B, L, H) hidden, (V, H) decoder weight, (V,) bias, (B, L) mask -> (B, V) float32 max logits."""
     dtype = _compute_dtype(hidden.device.type, hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _MaxLogits.apply(hidden, weight, bias, mask, chunk, dtype)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            return _MaxLogits.apply(hidden, weight, bias, mask, chunk, dtype)
+        # encoding: no winning-token index to keep
+        values, _ = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=False)
+        if bias is not None:
+            values += bias.float()
+        return values
