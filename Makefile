@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m lsr_run.evaluation  # compile ranx's numba functions once, into $(NUMBA_CACHE_DIR)
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv (if missing) and install lsr-run with torch pinned first

@@ -26,7 +26,7 @@ def minilm():
     return SpladeEncoder(mlm, tok, settings).eval()
 
 
-def test_lucene_impact_search_equals_brute_force(minilm, data_dir, tmp_path):
+def test_lucene_impact_search_equals_brute_force(minilm, data_dir, tmp_path, monkeypatch):
     from lsr_run.backends.brute_force import BruteForceBackend
     from lsr_run.backends.lucene import LuceneImpactBackend
 
@@ -37,17 +37,24 @@ def test_lucene_impact_search_equals_brute_force(minilm, data_dir, tmp_path):
     encode_queries(minilm, ds.judged_queries(), tmp_path / "queries.jsonl", spec)
     queries = read_query_vectors(tmp_path / "queries.jsonl")
     runs = {}
-    for name, backend in (("lucene", LuceneImpactBackend(threads=2)), ("brute", BruteForceBackend())):
-        backend.build(tmp_path / "vectors", tmp_path / f"index-{name}")
+    backends = (("lucene", LuceneImpactBackend(threads=2)), ("anserini", LuceneImpactBackend(threads=2, indexer="anserini")),
+                ("brute", BruteForceBackend()))
+    from lsr_run.backends import impact_index
+
+    monkeypatch.setattr(impact_index, "MB_PER_PROCESS", 1)  # a tiny corpus, still 2 indexing processes + merge
+    for name, backend in backends:
+        built = backend.build(tmp_path / "vectors", tmp_path / f"index-{name}")
+        if name == "lucene":
+            assert built["processes"] == 2
         backend.search(tmp_path / f"index-{name}", queries, 20, tmp_path / f"{name}.trec")
         runs[name] = read_trec_run(tmp_path / f"{name}.trec")
-    assert set(runs["lucene"]) == set(runs["brute"]) == set(queries)
+    assert set(runs["lucene"]) == set(runs["anserini"]) == set(runs["brute"]) == set(queries)
     for qid in queries:
-        lucene = sorted(runs["lucene"][qid].items(), key=lambda x: (-x[1], x[0]))
         brute = sorted(runs["brute"][qid].items(), key=lambda x: (-x[1], x[0]))
-        assert lucene == brute, qid
-        # ranks as written, not just sets: the run files list the same documents in the same order
-        assert list(runs["lucene"][qid]) == list(runs["brute"][qid]), qid
+        for name in ("lucene", "anserini"):  # the direct indexer and Anserini's IndexCollection
+            assert sorted(runs[name][qid].items(), key=lambda x: (-x[1], x[0])) == brute, (name, qid)
+            # ranks as written, not just sets: the run files list the same documents in the same order
+            assert list(runs[name][qid].items()) == list(runs["brute"][qid].items()), (name, qid)
 
 
 def test_bm25_scifact_matches_pyserini_regression(data_dir, tmp_path):

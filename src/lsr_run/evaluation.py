@@ -51,3 +51,17 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(qids)}
     means = {m: float(sum(v[m] for v in per_query.values()) / len(per_query)) for m in metrics}
     return means, per_query
+
+
+def warm_up(metrics=DEFAULT_METRICS + ("map", "ndcg@100")) -> None:
+    """Compile ranx's numba functions into NUMBA_CACHE_DIR (about 35-50 s once per environment; ``make
+    install`` calls this so the first experiment does not pay for it)."""
+    evaluate_run({"q1": {"d1": 1, "d2": 2}, "q2": {"d3": 1}}, {"q1": {"d1": 2.0, "d4": 1.0}, "q2": {}}, metrics)
+
+
+if __name__ == "__main__":
+    import time
+
+    start = time.time()
+    warm_up()
+    print(f"ranx metrics compiled in {time.time() - start:.1f} s (cache: {os.environ['NUMBA_CACHE_DIR']})")

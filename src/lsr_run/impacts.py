@@ -19,13 +19,14 @@ SparseVector = dict[str, int]
 
 
 def term_vocabulary(tokenizer) -> list[str]:
-    """Token id -> the term string written to Lucene (the token itself; ``[tok<id>]`` if it has whitespace)."""
+    """Token id -> the term string written to Lucene (the token itself; ``[tok<id>]`` if it has whitespace or
+    control characters)."""
     size = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     seen: set[str] = set()
     terms = []
     for i, tok in enumerate(tokens):
-        term = tok if tok and not any(c.isspace() for c in tok) else f"[tok{i}]"
+        term = tok if tok and not any(c.isspace() or not c.isprintable() for c in tok) else f"[tok{i}]"
         if term in seen:
             term = f"[tok{i}]"
         seen.add(term)

@@ -47,11 +47,21 @@ def _sanitize(text: str) -> str:
 
 @dataclass
 class LuceneImpactBackend:
-    """Lucene impact index (``-impact -pretokenized``) over JsonVectorCollection shards."""
+    """Lucene impact index over JsonVectorCollection shards, searched with Anserini's impact searcher.
+
+    ``indexer``: ``direct`` writes each term once with its impact as term frequency (``impact_index``; one
+    process per indexing thread, merged); ``anserini`` runs ``IndexCollection -impact -pretokenized``, which
+    repeats every term ``impact`` times. Both give the same postings and the same ranked lists.
+    """
 
     threads: int = 0
     heap: str = "4g"
+    indexer: str = "direct"  # direct | anserini
     needs_vectors: bool = True
+
+    def __post_init__(self):
+        if self.indexer not in ("direct", "anserini"):
+            raise LsrError(f"index.indexer={self.indexer!r}: expected 'direct' or 'anserini'")
 
     @property
     def indexing_threads(self) -> int:
@@ -59,6 +69,12 @@ class LuceneImpactBackend:
         return _threads(self.threads)
 
     def build(self, vectors_dir: Path, index_dir: Path) -> dict:
+        if self.indexer == "direct":
+            from .impact_index import build_impact_index
+
+            with atomic_path(index_dir) as tmp:
+                return build_impact_index(Path(vectors_dir), tmp, self.indexing_threads, self.heap,
+                                          index_dir.parent / f"{index_dir.name}.log")
         with atomic_path(index_dir) as tmp:
             run_anserini("index.IndexCollection",
                          ["-collection", "JsonVectorCollection", "-input", str(vectors_dir), "-index", str(tmp),
