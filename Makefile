@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install lsr-run with torch pinned first
 
-demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU, ~20-25 min on 2 quiet cores)
+demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU: ~18 min on 2 cores, +3 min install)
 	$(LSR) experiment=demo
 
 bm25: $(STAMP) ## BM25 baseline (k1=0.9, b=0.4, title+text) on the local suite
