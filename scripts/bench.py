@@ -715,17 +715,6 @@ def synthetic_corpus(out_dir: Path, n_docs: int, tokenizer, seed: int = 0, shard
     return {"docs": n_docs, "mean_terms_per_doc": total_terms / max(1, n_docs), "shards": shards}
 
 
-def split_shards(src: Path, dst: Path, parts: int) -> int:
-    """Rewrite the JSONL shards of ``src`` as ``parts`` shards of consecutive documents in ``dst``."""
-    lines = [line for f in sorted(src.glob("part-*.jsonl")) for line in open(f, encoding="utf-8")]
-    dst.mkdir(parents=True, exist_ok=True)
-    per = math.ceil(len(lines) / parts)
-    for i in range(parts):
-        with open(dst / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(lines[i * per:(i + 1) * per])
-    return parts
-
-
 def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -866,7 +855,6 @@ def table(results: dict) -> str:
                               f"{ix['corpus']['mean_terms_per_doc']:.0f} terms)",
                      fmt(r["lsr_run"]["docs_per_second"], ".0f"), fmt(r["pyserini"]["docs_per_second"], ".0f"),
                      fmt(ix["ratio_docs_per_second"], ".2f")))
-
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]

@@ -1,9 +1,9 @@
 """Corpus and query encoding into quantised sparse vectors (Anserini JsonVectorCollection shards).
 
-Documents are encoded in length-sorted batches and written in shards (at least one per Lucene indexing thread),
-by a background thread when the model runs on a GPU; each shard is written under a temporary name and renamed, and the folder is only
-trusted once its ``.done`` marker exists. Blank documents get a filler
-term that no query contains, so they exist in the index but never match.
+Documents are encoded in length-sorted batches and written in shards (at least one per Lucene indexing thread);
+each shard is written under a temporary name and renamed, and the folder is only trusted once its ``.done``
+marker exists. Blank documents get a filler term that no query contains, so they exist in the index but never
+match.
 """
 
 from __future__ import annotations
@@ -48,25 +48,18 @@ def encode_texts(encoder: SpladeEncoder, texts: list[str], max_length: int, batc
 
 class ShardWriter:
     """Writes encoded documents into ``n`` JSONL shards. Row j of the encode order goes to shard j mod n: shards
-    hold similar amounts of postings, which keeps Lucene's indexing threads (one per file) evenly busy. Shards
-    are written under temporary names and renamed by ``close``.
+    hold similar amounts of postings, which keeps the indexing processes (one group of files each) evenly busy.
+    Shards are written under temporary names and renamed by ``close``. Writing is in line with encoding: a
+    writer thread beside the model's threads slowed encoding on 2 CPU cores from 22 to 13 docs/s (measured)."""
 
-    With ``background`` (encoding on a GPU) the conversion to JSON runs on a thread while the model encodes the
-    next batch. On a CPU the model's threads already occupy every core and a writer thread slows them down
-    (measured here: 2 cores, 13 docs/s with the thread against 22 docs/s without), so it writes in line."""
-
-    def __init__(self, paths: list[Path], terms: list[str], background: bool = False):
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, paths: list[Path], terms: list[str]):
         self.paths = paths
         self.terms = terms
         self.files = [open(p.with_name(p.name + ".tmp"), "w", encoding="utf-8") for p in paths]
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsr-shards") if background else None
-        self.pending = None
         self.written = 0
         self.total_terms = 0
 
-    def _write(self, ids: list[str], blank: list[bool], impacts: torch.Tensor) -> None:
+    def write(self, ids: list[str], blank: list[bool], impacts: torch.Tensor) -> None:
         for doc_id, is_blank, vec in zip(ids, blank, to_sparse(impacts, self.terms)):
             self.total_terms += 0 if is_blank else len(vec)
             if is_blank or not vec:
@@ -74,25 +67,16 @@ class ShardWriter:
             self.files[self.written % len(self.files)].write(vector_line(doc_id, vec))
             self.written += 1
 
-    def submit(self, ids: list[str], blank: list[bool], impacts: torch.Tensor) -> None:
-        if self.pool is None:
-            self._write(ids, blank, impacts)
-            return
-        if self.pending is not None:
-            self.pending.result()  # at most one batch in flight; re-raises the writer's errors here
-        self.pending = self.pool.submit(self._write, ids, blank, impacts)
-
-    def close(self) -> None:
-        try:
-            if self.pending is not None:
-                self.pending.result()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-            for f in self.files:
-                f.close()
+    def close(self, keep: bool = True) -> None:
+        """Close the shards; rename them into place (``keep``) or delete them (a failed encoding)."""
+        for f in self.files:
+            f.close()
         for p in self.paths:
-            p.with_name(p.name + ".tmp").replace(p)
+            tmp = p.with_name(p.name + ".tmp")
+            if keep:
+                tmp.replace(p)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def shard_count(docs: int, shard_size: int, min_shards: int) -> int:
@@ -116,14 +100,16 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
     blank = [not t.strip() for t in texts]
     n_shards = shard_count(len(ids), spec.shard_size, -(-min_shards // world))
     writer = ShardWriter([out_dir / f"part-{rank:03d}-{s:05d}.jsonl" for s in range(n_shards)],
-                         term_vocabulary(encoder.tokenizer), background=encoder.device.type != "cpu")
+                         term_vocabulary(encoder.tokenizer))
     try:
         for positions, weights in encoder.encode(texts, spec.doc_max_length, spec.batch_size, spec.bf16,
                                                  progress=f"encode {corpus.name}"):
-            writer.submit([ids[i] for i in positions], [blank[i] for i in positions],
-                          quantize(weights, QUANTIZATION_SCALE))
-    finally:
-        writer.close()
+            writer.write([ids[i] for i in positions], [blank[i] for i in positions],
+                         quantize(weights, QUANTIZATION_SCALE))
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    writer.close()
     seconds = time.time() - start
     stats = {"docs": len(ids), "doc_terms": writer.total_terms / max(1, len(ids)), "empty_docs": int(sum(blank)),
              "shards": n_shards, "seconds": seconds, "docs_per_second": len(ids) / max(1e-9, seconds)}

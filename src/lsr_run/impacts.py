@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch only where tensors are converted: the indexing processes read shards without it
+    import torch
 
 QUANTIZATION_SCALE = 100
 
@@ -36,11 +37,15 @@ def term_vocabulary(tokenizer) -> list[str]:
 
 def quantize(weights: torch.Tensor, scale: int = QUANTIZATION_SCALE) -> torch.Tensor:
     """(B, V) float weights -> (B, V) int32 impacts = round(w * scale)."""
+    import torch
+
     return torch.round(weights.float() * scale).to(torch.int32)
 
 
 def to_sparse(impacts: torch.Tensor, terms: list[str]) -> list[SparseVector]:
     """(B, V) int impacts -> one {term: impact} dict per row, zeros dropped, terms by decreasing impact."""
+    import torch
+
     impacts = impacts.cpu()
     rows, cols = torch.nonzero(impacts > 0, as_tuple=True)
     values = impacts[rows, cols].long()

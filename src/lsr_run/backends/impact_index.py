@@ -16,12 +16,13 @@ such process per group of shards and merges their indexes into one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..impacts import read_vectors
 
 MB_PER_PROCESS = 128 * 2**20
 DELIMITER = "\u0001"  # never part of a term (term_vocabulary keeps terms free of whitespace and controls)
@@ -42,25 +43,25 @@ def _jvm(heap: str):
 
 
 def _writer(autoclass, index_dir: Path, ram_mb: float):
-    Paths = autoclass("java.nio.file.Paths")
-    FSDirectory = autoclass("org.apache.lucene.store.FSDirectory")
-    IndexWriterConfig = autoclass("org.apache.lucene.index.IndexWriterConfig")
-    IndexWriter = autoclass("org.apache.lucene.index.IndexWriter")
     HashMap = autoclass("java.util.HashMap")
     params = HashMap()
     params.put("delimiter", DELIMITER)
     analyzer = (autoclass("org.apache.lucene.analysis.custom.CustomAnalyzer").builder()
                 .withTokenizer("whitespace").addTokenFilter("delimitedTermFrequency", params).build())
-    config = IndexWriterConfig(analyzer)
+    config = autoclass("org.apache.lucene.index.IndexWriterConfig")(analyzer)
     config.setOpenMode(autoclass("org.apache.lucene.index.IndexWriterConfig$OpenMode").CREATE)
     config.setRAMBufferSizeMB(ram_mb)
-    return IndexWriter(FSDirectory.open(Paths.get(str(index_dir))), config), FSDirectory, Paths
+    return autoclass("org.apache.lucene.index.IndexWriter")(_directory(autoclass, index_dir), config)
+
+
+def _directory(autoclass, path: Path):
+    return autoclass("org.apache.lucene.store.FSDirectory").open(autoclass("java.nio.file.Paths").get(str(path)))
 
 
 def index_shards(shards: list[Path], index_dir: Path, heap: str = "2g", ram_mb: float = 512.0) -> int:
     """One Lucene index at ``index_dir`` from JsonVectorCollection shards; returns the number of documents."""
     autoclass = _jvm(heap)
-    writer, _, _ = _writer(autoclass, index_dir, ram_mb)
+    writer = _writer(autoclass, index_dir, ram_mb)
     Field = autoclass("org.apache.lucene.document.Field")
     FieldType = autoclass("org.apache.lucene.document.FieldType")
     Store = autoclass("org.apache.lucene.document.Field$Store")
@@ -83,15 +84,12 @@ def index_shards(shards: list[Path], index_dir: Path, heap: str = "2g", ram_mb: 
     n = 0
     try:
         for shard in shards:
-            with open(shard, encoding="utf-8") as f:
-                for line in f:
-                    obj = json.loads(line)
-                    doc_id = str(obj["id"])
-                    id_field.setStringValue(doc_id)
-                    id_value.setBytesValue(BytesRef(String(doc_id)))
-                    contents.setStringValue(" ".join([f"{t}{DELIMITER}{w}" for t, w in obj["vector"].items() if w > 0]))
-                    writer.addDocument(doc)
-                    n += 1
+            for doc_id, vector in read_vectors(shard):
+                id_field.setStringValue(doc_id)
+                id_value.setBytesValue(BytesRef(String(doc_id)))
+                contents.setStringValue(" ".join([f"{t}{DELIMITER}{w}" for t, w in vector.items() if w > 0]))
+                writer.addDocument(doc)
+                n += 1
         writer.commit()
     finally:
         writer.close()
@@ -101,9 +99,9 @@ def index_shards(shards: list[Path], index_dir: Path, heap: str = "2g", ram_mb: 
 def merge_indexes(parts: list[Path], index_dir: Path, heap: str = "2g") -> None:
     """Merge part indexes into one single-segment index at ``index_dir``."""
     autoclass = _jvm(heap)
-    writer, FSDirectory, Paths = _writer(autoclass, index_dir, 256.0)
+    writer = _writer(autoclass, index_dir, 256.0)
     try:
-        writer.addIndexes(*[FSDirectory.open(Paths.get(str(part))) for part in parts])  # Directory... (varargs)
+        writer.addIndexes(*[_directory(autoclass, part) for part in parts])  # Directory... (varargs)
         writer.forceMerge(1)
         writer.commit()
     finally:

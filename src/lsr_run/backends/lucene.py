@@ -65,7 +65,8 @@ class LuceneImpactBackend:
 
     @property
     def indexing_threads(self) -> int:
-        """Anserini indexes one input file per thread: the encode stage writes at least this many shards."""
+        """Indexing runs one thread (anserini) or process (direct) per group of input files: the encode stage
+        writes at least this many shards."""
         return _threads(self.threads)
 
     def build(self, vectors_dir: Path, index_dir: Path) -> dict:
