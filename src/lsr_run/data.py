@@ -2,8 +2,9 @@
 
 A dataset is named in the config (``name``, ``split``, optional ``irds_id``). It resolves to the folder
 ``$LSR_DATA_DIR/<name>`` when that exists, else to its ir_datasets id. Loading validates as it reads: malformed
-JSON is reported with file and line, duplicate ids and non-UTF-8 bytes are errors, qrels naming unknown
-queries or documents are counted (an error if none match), empty documents and queries are counted.
+JSON is reported with file and line, duplicate ids, ids with whitespace (TREC files cannot hold them),
+fractional relevance grades and non-UTF-8 bytes are errors, qrels naming unknown queries or documents are counted
+(an error if none match), empty documents and queries are counted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import csv
 import gzip
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -108,10 +111,32 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: cannot be read ({e})") from None
 
 
-def _id_of(obj: dict, path: Path, lineno: int) -> str:
+_WHITESPACE = re.compile(r"\s")
+
+
+def check_id(value: str, where: Path | str, lineno: int | None, what: str) -> str:
+    """``value`` if it can be a TREC id (non-empty, no whitespace); else a DataError naming file and line."""
+    if value and not _WHITESPACE.search(value):
+        return value
+    at = f"{where}:{lineno}" if lineno is not None else f"{where}"
+    problem = "is empty" if not value else "contains whitespace"
+    raise DataError(f"{at}: {what} id {value!r} {problem}; TREC run and qrels files cannot hold such an id "
+                    f"(rename it in the data)")
+
+
+def split_columns(line: str) -> list[str]:
+    """Columns of a TSV line (split on tabs, so an id with a space stays one column and is caught by
+    ``check_id``), or of a whitespace-separated line (TREC files) when it has no tab."""
+    if "\t" in line:
+        parts = [p.strip() for p in line.rstrip("\r\n").split("\t")]
+        return parts if any(parts) else []
+    return line.split()
+
+
+def _id_of(obj: dict, path: Path, lineno: int, what: str = "document") -> str:
     for key in ("_id", "id", "docid", "doc_id", "qid", "query_id"):
         if key in obj and obj[key] is not None:
-            return str(obj[key])
+            return check_id(str(obj[key]), path, lineno, what)
     raise DataError(f"{path}:{lineno}: no '_id' field")
 
 
@@ -144,7 +169,7 @@ def load_queries_file(path: Path) -> tuple[dict[str, str], int]:
     first_line: dict[str, int] = {}
     empty = 0
     for lineno, obj in iter_jsonl(path):
-        qid = _id_of(obj, path, lineno)
+        qid = _id_of(obj, path, lineno, "query")
         if qid in queries:
             raise DataError(f"{path}:{lineno}: duplicate query id '{qid}' (first at line {first_line[qid]})")
         first_line[qid] = lineno
@@ -156,15 +181,17 @@ def load_queries_file(path: Path) -> tuple[dict[str, str], int]:
 
 
 def load_qrels_file(path: Path) -> dict[str, dict[str, int]]:
-    """TREC (``qid 0 docid rel``) or BEIR TSV (``query-id corpus-id score`` with a header)."""
+    """TREC (``qid 0 docid rel``) or BEIR TSV (``query-id corpus-id score`` with a header).
+
+    Grades are integers; a fractional grade (0.5) is an error rather than silently truncated."""
     qrels: dict[str, dict[str, int]] = {}
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                parts = line.split()
+                parts = split_columns(line)
                 if not parts:
                     continue
-                if lineno == 1 and not parts[-1].lstrip("-").isdigit():
+                if lineno == 1 and not _is_number(parts[-1]):
                     continue  # header
                 if len(parts) == 4:
                     qid, _, doc_id, rel = parts
@@ -172,19 +199,34 @@ def load_qrels_file(path: Path) -> dict[str, dict[str, int]]:
                     qid, doc_id, rel = parts
                 else:
                     raise DataError(f"{path}:{lineno}: expected 3 (BEIR) or 4 (TREC) columns, got {len(parts)}")
-                try:
-                    qrels.setdefault(qid, {})[doc_id] = int(float(rel))
-                except ValueError:
-                    raise DataError(f"{path}:{lineno}: relevance '{rel}' is not a number") from None
+                check_id(qid, path, lineno, "query")
+                check_id(doc_id, path, lineno, "document")
+                if not _is_number(rel):
+                    raise DataError(f"{path}:{lineno}: relevance '{rel}' is not a number")
+                grade = float(rel)
+                if grade != int(grade):
+                    raise DataError(f"{path}:{lineno}: relevance '{rel}' is not an integer grade; "
+                                    f"round the grades in the file (lsr-run does not guess how)")
+                qrels.setdefault(qid, {})[doc_id] = int(grade)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
     return qrels
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _find(folder: Path, stem: str) -> Path:
-    for candidate in (folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz"):
-        if candidate.exists():
-            return candidate
+    found = [c for c in (folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz") if c.exists()]
+    if len(found) == 2:
+        raise DataError(f"{folder}: both {stem}.jsonl and {stem}.jsonl.gz exist and it is ambiguous which one is "
+                        f"meant; remove or rename one")
+    if found:
+        return found[0]
     raise DataError(f"{folder}: missing {stem}.jsonl (or {stem}.jsonl.gz)")
 
 
@@ -206,7 +248,8 @@ def load_folder(name: str, folder: Path, split: str) -> Dataset:
     qrels = load_qrels_file(qrels_path)
     stats = check_qrels(qrels, queries, corpus, qrels_path)
     stats.update(empty_documents=corpus.empty, empty_queries=empty_queries)
-    return Dataset(name=name, corpus_key=folder.name, corpus=corpus, queries=queries, qrels=qrels,
+    corpus_key = folder.name if folder.name not in ("", ".", "..") else folder.resolve().name  # a path component
+    return Dataset(name=name, corpus_key=corpus_key, corpus=corpus, queries=queries, qrels=qrels,
                    source=str(folder), stats=stats)
 
 
@@ -247,18 +290,22 @@ def load_irds(name: str, irds_id: str) -> Dataset:
         ds = ir_datasets.load(irds_id)
         titles: dict[str, str] = {}
         texts: dict[str, str] = {}
+        where = f"ir_datasets {irds_id}"
         for doc in ds.docs_iter():
-            doc_id = str(doc.doc_id)
+            doc_id = check_id(str(doc.doc_id), where, None, "document")
             title = getattr(doc, "title", "") or ""
             if title:
                 titles[doc_id] = title
             texts[doc_id] = getattr(doc, "text", None) or getattr(doc, "body", "") or ""
-        queries = {str(q.query_id): (getattr(q, "text", None) or getattr(q, "title", "")) for q in ds.queries_iter()}
+        queries = {check_id(str(q.query_id), where, None, "query"): (getattr(q, "text", None) or getattr(q, "title", ""))
+                   for q in ds.queries_iter()}
         qrels: dict[str, dict[str, int]] = {}
         for qrel in ds.qrels_iter():
             qrels.setdefault(str(qrel.query_id), {})[str(qrel.doc_id)] = int(qrel.relevance)
     except KeyError as e:
         raise DataError(f"dataset '{name}': unknown ir_datasets id '{irds_id}'") from e
+    except DataError:
+        raise
     except Exception as e:  # network failures arrive as many exception types
         raise LsrError(f"dataset '{name}': ir_datasets could not load '{irds_id}' ({type(e).__name__}: {e}). "
                        f"Without internet, put the data in BEIR layout at $LSR_DATA_DIR/{name}/ "
@@ -297,18 +344,26 @@ def write_trec_run(path: Path, run: dict[str, list[tuple[str, float]]], tag: str
 
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for qid, hits in run.items():
+            check_id(qid, path, None, "query")
             for rank, (doc_id, score) in enumerate(hits, 1):
+                check_id(doc_id, path, None, "document")
                 f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
 
 
 def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
+    """``qid Q0 docid rank score tag`` lines; exactly 6 columns (7 means an id or tag with whitespace)."""
     run: dict[str, dict[str, float]] = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            parts = line.split()
+            parts = split_columns(line)
             if not parts:
                 continue
-            if len(parts) < 6:
-                raise DataError(f"{path}:{lineno}: a TREC run line has 6 columns, got {len(parts)}")
+            if len(parts) != 6:
+                raise DataError(f"{path}:{lineno}: a TREC run line has 6 columns 'qid Q0 docid rank score tag', "
+                                f"got {len(parts)}" + (" (an id or tag with whitespace?)" if len(parts) > 6 else ""))
+            check_id(parts[0], path, lineno, "query")
+            check_id(parts[2], path, lineno, "document")
+            if not _is_number(parts[4]):
+                raise DataError(f"{path}:{lineno}: score '{parts[4]}' is not a number")
             run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
     return run

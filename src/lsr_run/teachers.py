@@ -3,7 +3,8 @@
 Scores are cached as JSON under a content key (teacher kind + model + the exact query/document pairs), first
 in the run directory and, when ``cache_dir`` is set, in a shared folder that later runs reuse.
 File formats (ids become strings):
-- ``pickle``: the sentence-transformers MS MARCO cross-encoder score pickle, ``{qid: {pid: score}}``, gzip or not;
+- ``pickle``: the sentence-transformers MS MARCO cross-encoder score pickle, ``{qid: {pid: score}}``, gzip or not,
+  read by an unpickler that admits only containers, numbers and numpy scalars/arrays (no code runs from it);
 - ``tsv``: ``qid <tab> pid <tab> score`` lines;
 - ``hard_negatives``: ``msmarco-hard-negatives.jsonl(.gz)`` lines ``{"qid", "pos": [...], "neg": {system: [...]}}``:
   candidates only (no scores); pair it with ``scores_path`` (a pickle or TSV) for the scores.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import check_id, split_columns
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,26 +58,69 @@ def _open(path: Path, mode: str = "rb"):
     return gzip.open(path, mode) if gz else open(path, mode)
 
 
+# Globals a score pickle may name: plain containers and numbers, and what numpy needs to rebuild its scalars
+# and arrays (np.float32 scores from CrossEncoder.predict). Calling any of them cannot run code or touch files.
+_PICKLE_GLOBALS = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "float", "int", "str", "bytes",
+                              "bytearray", "complex", "bool")
+} | {("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
+     ("numpy", "dtype"), ("numpy", "ndarray")} | {
+    (f"numpy.{core}.{mod}", name) for core in ("core", "_core")
+    for mod, name in (("multiarray", "scalar"), ("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that only admits ``_PICKLE_GLOBALS``: loading a score pickle never runs code from it."""
+
+    def find_class(self, module: str, name: str):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 0-2 names
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if module.startswith("numpy.core."):  # pickles from numpy 1.x; numpy 2 keeps these in numpy._core
+            try:
+                return super().find_class("numpy._core." + module[len("numpy.core."):], name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
 def read_score_pickle(path: Path) -> Scores:
+    """``{qid: {pid: score}}`` from a pickle, through ``SafeUnpickler``; anything beyond plain containers and
+    numbers (a payload) is refused with one line naming the file and the global."""
     with _open(path) as f:
         try:
-            obj = pickle.load(f)
+            obj = SafeUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            if str(e).startswith("refused global"):
+                raise DataError(f"teacher file {path}: {e}; a score pickle may hold only dicts, lists, numbers and "
+                                f"numpy scalars/arrays (convert it to TSV 'qid pid score' if it needs more)") from None
+            raise DataError(f"teacher file {path}: not a score pickle ({type(e).__name__}: {e})") from None
         except Exception as e:
             raise DataError(f"teacher file {path}: not a score pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"teacher file {path}: expected a dict {{qid: {{pid: score}}}}, got {type(obj).__name__}")
-    return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in obj.items()}
+    out: Scores = {}
+    for q, docs in obj.items():
+        qid = check_id(str(q), f"teacher file {path}", None, "query")
+        if not isinstance(docs, dict):
+            raise DataError(f"teacher file {path}: query {qid}: expected a dict {{pid: score}}, "
+                            f"got {type(docs).__name__}")
+        out[qid] = {check_id(str(d), f"teacher file {path}", None, "document"): float(s) for d, s in docs.items()}
+    return out
 
 
 def read_score_tsv(path: Path) -> Scores:
     out: Scores = {}
     with _open(path, "rt") as f:
         for lineno, line in enumerate(f, 1):
-            parts = line.split()
+            parts = split_columns(line)
             if not parts:
                 continue
             if len(parts) != 3:
                 raise DataError(f"teacher file {path}:{lineno}: expected 'qid pid score', got {len(parts)} columns")
+            for value, what in ((parts[0], "query"), (parts[1], "document")):
+                check_id(value, f"teacher file {path}", lineno, what)
             try:
                 out.setdefault(parts[0], {})[parts[1]] = float(parts[2])
             except ValueError:
@@ -96,12 +141,13 @@ def read_hard_negatives(path: Path, systems: list[str] | None = None) -> tuple[d
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"teacher file {path}:{lineno}: malformed JSON ({e.msg})") from None
-            qid = str(obj["qid"])
-            positives[qid] = [str(p) for p in obj.get("pos", [])]
+            where = f"teacher file {path}"
+            qid = check_id(str(obj["qid"]), where, lineno, "query")
+            positives[qid] = [check_id(str(p), where, lineno, "document") for p in obj.get("pos", [])]
             pool: list[str] = []
             for system, pids in obj.get("neg", {}).items():
                 if systems is None or system in systems:
-                    pool.extend(str(p) for p in pids)
+                    pool.extend(check_id(str(p), where, lineno, "document") for p in pids)
             candidates[qid] = list(dict.fromkeys(pool))
     return positives, candidates
 
