@@ -19,7 +19,8 @@ import torch
 from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
                       write_vectors)
 from .models.splade import SpladeEncoder
-from .run_dir import atomic_path, write_json
+from . import interrupt
+from .run_dir import atomic_path, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,22 @@ class ShardWriter:
             self.total_terms += 0 if is_blank else len(vec)
             if is_blank or not vec:
                 vec = {EMPTY_DOC_TERM: 1}
-            self.files[self.written % len(self.files)].write(vector_line(doc_id, vec))
+            shard = self.written % len(self.files)
+            try:
+                self.files[shard].write(vector_line(doc_id, vec))
+            except OSError as e:  # a full disk: one line naming the shard
+                raise (write_error(e, self.paths[shard]) or e) from None
             self.written += 1
 
     def close(self, keep: bool = True) -> None:
         """Close the shards; rename them into place (``keep``) or delete them (a failed encoding)."""
         for f in self.files:
-            f.close()
+            try:
+                f.close()
+            except OSError as e:  # the last buffered write failed (full disk)
+                if keep:
+                    self.close(keep=False)
+                    raise (write_error(e, f.name) or e) from None
         for p in self.paths:
             tmp = p.with_name(p.name + ".tmp")
             if keep:
@@ -106,7 +116,8 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
                                                  progress=f"encode {corpus.name}"):
             writer.write([ids[i] for i in positions], [blank[i] for i in positions],
                          quantize(weights, QUANTIZATION_SCALE))
-    except BaseException:
+            interrupt.check()  # a signal whose exception was swallowed stops encoding here
+    except BaseException:  # an error or a signal (interrupt.Interrupted): no .tmp shard is left behind
         writer.close(keep=False)
         raise
     writer.close()

