@@ -7,26 +7,40 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 LSR := $(VENV)/bin/lsr-run
 STAMP := $(VENV)/.lsr-run-installed
+LOCK := requirements.lock
+PIP ?= pip==26.3
+PIP_TOOLS ?= pip-tools==7.6.2
 export LSR_DATA_DIR ?= $(abspath ../shared/data)
 export NUMBA_CACHE_DIR ?= $(abspath $(VENV)/numba-cache)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install demo test test-fast bm25 clean
+.PHONY: help install lock demo test test-fast bm25 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Installs exactly the lock: torch first by its own pin (a CPU build here; TORCH=... for CUDA), then every other
+# package at the version and hash in requirements.lock, then lsr-run itself without dependencies.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -q "$(PIP)"
 	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps --require-hashes -r $(LOCK)
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip check
 	$(PY) -m lsr_run.evaluation  # compile ranx's numba functions once, into $(NUMBA_CACHE_DIR)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv (if missing) and install lsr-run with torch pinned first
+install: $(STAMP) ## create .venv (if missing) and install exactly requirements.lock, torch pinned first
+
+lock: ## regenerate requirements.lock from pyproject.toml's ranges (pip-tools, with hashes; torch left to TORCH)
+	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q "$(PIP_TOOLS)"; }
+	echo "$(TORCH)" > $(VENV)-lock/torch-constraint.txt
+	$(VENV)-lock/bin/pip-compile --quiet --upgrade --extra dev --generate-hashes --strip-extras --unsafe-package torch \
+	  --no-emit-index-url --no-emit-find-links \
+	  -c $(VENV)-lock/torch-constraint.txt -o $(LOCK) pyproject.toml
 
 demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU: ~18 min on 2 cores, +3 min install)
 	$(LSR) experiment=demo

@@ -15,7 +15,22 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = os.environ.get("LSR_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def conf_dir() -> str:
+    """The Hydra configs: ``$LSR_CONF_DIR``, else those shipped inside the package (``lsr_run/conf`` in a wheel),
+    else the checkout's ``conf/`` (an editable install)."""
+    if os.environ.get("LSR_CONF_DIR"):
+        return os.environ["LSR_CONF_DIR"]
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "run.yaml").is_file():
+            return str(candidate)
+    raise SystemExit(f"lsr-run: error: no configs found (looked in {here / 'conf'} and {here.parents[1] / 'conf'}); "
+                     "set LSR_CONF_DIR to a folder holding run.yaml")
+
+
+CONF_DIR = conf_dir()
 
 log = logging.getLogger("lsr_run")
 

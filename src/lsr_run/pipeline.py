@@ -55,8 +55,12 @@ class EvalDataset:
     metrics: list[str] | None = None  # this dataset's metrics, when they differ from eval.metrics
 
 
-def load_spec(spec: EvalDataset) -> Dataset:
-    ds = load_dataset(spec.name, spec.split, spec.irds_id, spec.path)
+def load_spec(spec: EvalDataset, data_dir: str | None = None) -> Dataset:
+    """An explicit ``path``, else ``<paths.data_dir>/<name>`` when that folder exists, else the ir_datasets id."""
+    path = spec.path
+    if path is None and data_dir and (Path(data_dir) / spec.name).is_dir():
+        path = str(Path(data_dir) / spec.name)
+    ds = load_dataset(spec.name, spec.split, spec.irds_id, path)
     if spec.max_queries is not None:
         keep = sorted(ds.qrels)[: spec.max_queries]
         ds.qrels = {q: ds.qrels[q] for q in keep}
@@ -137,7 +141,7 @@ class Experiment:
     # ---------------------------------------------------------------- pieces
     def dataset(self, key: str) -> Dataset:
         if key not in self._datasets:
-            self._datasets[key] = load_spec(self.eval_sets[key])
+            self._datasets[key] = load_spec(self.eval_sets[key], OmegaConf.select(self.cfg, "paths.data_dir"))
         return self._datasets[key]
 
     def fresh_encoder(self) -> SpladeEncoder:
@@ -180,7 +184,7 @@ class Experiment:
         from .train import Trainer, TrainingData
 
         spec = self.train_spec
-        dataset = load_spec(self.data_spec)
+        dataset = load_spec(self.data_spec, OmegaConf.select(self.cfg, "paths.data_dir"))
         positives = training_examples(dataset)
         pools = self.candidates.pools(dataset, positives, self.run.candidates)
         scores = None
@@ -213,7 +217,7 @@ class Experiment:
             self.dist.barrier()
             return
         with rd.atomic_path(self.run.model) as tmp:
-            encoder.save(tmp)
+            encoder.save(tmp, max_length=self.encode_spec.doc_max_length)
         rd.write_json(self.run.train_state, result)
         rd.mark_done(self.run, "train")
         self.dist.barrier()
@@ -387,7 +391,11 @@ def run(cfg: DictConfig, root: Path) -> dict:
     experiment = Experiment(cfg, run_dir.root)  # validates everything before any file is written
     if ctx.is_main:
         rd.write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        from .environment import lock_record
+
         meta = rd.run_metadata(int(cfg.seed))
+        meta["lock"] = lock_record()
+        meta["paths"] = OmegaConf.to_container(cfg.paths, resolve=True) if "paths" in cfg else None
         meta["processes"] = ctx.world
         rd.write_json(run_dir.meta, meta)
     ctx.barrier()
@@ -403,6 +411,12 @@ def run(cfg: DictConfig, root: Path) -> dict:
         log.info("baseline %s", name)
         baselines[name] = Experiment(bcfg, run_dir.root / "baselines" / name).execute()
     if metrics and "evaluate" in experiment.stages:
+        if run_dir.model.is_dir() and not cfg.model.path:
+            from .models.persist import write_model_card
+
+            write_model_card(run_dir.model, OmegaConf.to_container(cfg, resolve=True),
+                             rd.read_json(run_dir.train_state) if run_dir.train_state.exists() else None,
+                             metrics, rd.read_json(run_dir.meta))
         table = print_table(metrics, baselines)
         rd.write_text(run_dir.root / "table.md", table + "\n")
     return metrics

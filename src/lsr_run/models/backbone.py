@@ -164,4 +164,7 @@ def load_backbone(spec: BackboneSpec, seed: int = 0):
                 decoder_bias(model).fill_(spec.headless_bias)
             settings["identity_head"] = True
             settings["headless_bias"] = spec.headless_bias
+    from .persist import align
+
+    align(model)  # weights mapped from a file sit at any offset: same kernels as a reloaded model
     return model, tokenizer, settings

@@ -8,7 +8,6 @@ head, head scaling record), so a reloaded model scores exactly as the saved one.
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,11 +16,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import LsrError
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "lsr_run.json"
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -120,22 +117,15 @@ class SpladeEncoder(nn.Module):
             self.train(was_training)
 
     # ------------------------------------------------------------ persistence
-    def save(self, path: Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.mlm.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        (path / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n")
+    def save(self, path: Path, max_length: int = 256) -> None:
+        """Weights (every tensor, checked on load), tokenizer, ``lsr_run.json``, sentence-transformers config."""
+        from .persist import save_model
+
+        save_model(self.mlm, self.tokenizer, self.settings, Path(path), max_length)
 
     @classmethod
     def load(cls, path: Path) -> "SpladeEncoder":
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from .persist import load_model
 
-        path = Path(path)
-        if not (path / SETTINGS_FILE).exists():
-            raise LsrError(f"model.path={path}: not an lsr-run model folder (no {SETTINGS_FILE}); "
-                           f"it is written by the train stage into <run dir>/model")
-        settings = json.loads((path / SETTINGS_FILE).read_text())
-        mlm = AutoModelForMaskedLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        mlm, tokenizer, settings = load_model(Path(path))
         return cls(mlm, tokenizer, settings)
