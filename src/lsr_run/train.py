@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,13 +163,57 @@ def rss_gb() -> float:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors, lists and numbers only, so a checkpoint loads with ``weights_only=True``."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:  # checkpoints written before the RNG state was stored as tensors: numpy's own tuple
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
+
+
+def _checkpoint_globals() -> list:
+    """What ``weights_only`` loading admits beyond tensors and plain containers: numpy's array reconstruction,
+    for the RNG state of checkpoints written before it was stored as tensors (data only, no code)."""
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtype_class = getattr(getattr(np, "dtypes", None), "UInt32DType", None)
+    return names + ([dtype_class] if dtype_class is not None else [])
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint loaded with ``weights_only=True`` (nothing in it can run code); a truncated, foreign or
+    malicious file is one LsrError naming it and what to do."""
+    what_to_do = (f"delete it to restart training from step 0 (rm {path}), or keep it and give this run another "
+                  f"hydra.run.dir")
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        text = str(e)
+        refused = re.search(r"GLOBAL ([\w.]+)", text)  # a global outside the allow-list: a payload or foreign file
+        if refused:
+            reason = f"refused global {refused.group(1)}"
+        else:
+            reason = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+        raise LsrError(f"checkpoint {path} cannot be loaded ({reason}); {what_to_do}") from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "nonfinite", "bad_checks", "rng")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LsrError(f"checkpoint {path} is not an lsr-run checkpoint (missing {', '.join(missing)}); {what_to_do}")
+    return state
 
 
 class Trainer:
@@ -214,12 +259,16 @@ class Trainer:
         return self.run.checkpoints / "last.pt"
 
     def save_checkpoint(self) -> None:
+        from . import interrupt
+
+        interrupt.check()  # a signal whose exception was swallowed stops training here (last checkpoint kept)
         if not self.dist.is_main:
             self.dist.barrier()
             return
         state = {"model": self.encoder.mlm.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step, "nonfinite": self.nonfinite,
-                 "bad_checks": self.bad_checks, "rng": _rng_state(), "settings": self.encoder.settings}
+                 "bad_checks": self.bad_checks, "rng": _rng_state(),
+                 "settings": json.loads(json.dumps(self.encoder.settings, default=str))}  # plain data only
         with atomic_path(self.ckpt_path) as tmp:
             torch.save(state, tmp)
         self.dist.barrier()
@@ -227,10 +276,14 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        state = torch.load(self.ckpt_path, map_location=self.encoder.device, weights_only=False)
-        self.encoder.mlm.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = load_checkpoint(self.ckpt_path, self.encoder.device)
+        try:
+            self.encoder.mlm.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise LsrError(f"checkpoint {self.ckpt_path} does not fit this model or optimizer "
+                           f"({str(e).splitlines()[0][:200]}); delete it to restart training from step 0") from None
         self.step, self.nonfinite, self.bad_checks = state["step"], state["nonfinite"], state["bad_checks"]
         _set_rng_state(state["rng"])
         log.info("resumed training from %s at step %d", self.ckpt_path, self.step)
