@@ -1,8 +1,11 @@
 """``lsr-run``: one Hydra entry point; runs the configured stages in one run directory.
 
 Returns the sweep objective (mean nDCG@10 over the evaluated datasets) so Hydra sweepers can optimise it.
-Problems with the user's input or environment (``LsrError``) print one clear message, no traceback; in a
-multirun the failed job is recorded in its run directory (``failed.json``) and the sweep goes on.
+Problems with the user's input or environment (``LsrError``, and a full disk, an unwritable run folder or a
+file where it should be) print one clear message, no traceback, and exit 2; in a multirun the failed job is
+recorded in its run directory (``failed.json``) and the sweep goes on. SIGINT and SIGTERM stop the run (child
+processes stopped, temporary files removed), are recorded in ``status.json`` and exit 130 / 143; the same
+command resumes.
 """
 
 from __future__ import annotations
@@ -40,11 +43,26 @@ def objective(metrics: dict, metric: str = "ndcg@10") -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _set_status(root: Path, **status) -> None:
+    """Record how this attempt ended in ``status.json``; never fails the run (the disk may be full)."""
+    import time
+
+    from . import run_dir as rd
+
+    try:
+        if root.is_dir():
+            rd.write_json(rd.RunDir(root).status, {**status, "pid": os.getpid(),
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except (OSError, RuntimeError):
+        pass
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from . import interrupt
     from . import run_dir as rd
     from .errors import LsrError
     from .pipeline import run
@@ -55,16 +73,64 @@ def main(cfg: DictConfig) -> float | None:
     hf_logging.disable_progress_bar()
     hc = HydraConfig.get()
     root = Path(hc.runtime.output_dir)
+    interrupt.reset()
+    interrupt.install()
     try:
-        metrics = run(cfg, root)
+        try:
+            metrics = run(cfg, root)
+            interrupt.check()  # a signal whose exception was swallowed (ignored in a destructor) still stops it
+        except (OSError, RuntimeError) as e:
+            error = None if isinstance(e, LsrError) else rd.write_error(e, root)
+            if error is None:
+                raise
+            raise error from None
+    except interrupt.Interrupted as e:
+        stage = interrupt.stage() or "setup"
+        _set_status(root, state="interrupted", signal=e.name, stage=stage)
+        log.error("interrupted by %s during stage %s", e.name, stage)
+        print(f"lsr-run: interrupted by {e.name} during stage {stage}: child processes stopped, temporary files "
+              f"removed; run the same command again to resume", file=sys.stderr)
+        sys.exit(e.exit_code)
     except LsrError as e:
         log.error("%s", e)  # into the run's log file
         print(f"lsr-run: error: {e}", file=sys.stderr)
+        if rd.RunDir(root).status.exists():
+            _set_status(root, state="failed", stage=interrupt.stage(), error=str(e))
         if hc.mode == RunMode.MULTIRUN:
-            rd.write_json(root / "failed.json", {"error": str(e), "type": type(e).__name__})
+            try:
+                rd.write_json(root / "failed.json", {"error": str(e), "type": type(e).__name__})
+            except LsrError:
+                pass
             return None
         sys.exit(2)
     return objective(metrics)
+
+
+def _check_run_dir(argv: list[str]) -> str | None:
+    """The message for a ``hydra.run.dir`` that cannot become the run folder (Hydra creates it before lsr-run
+    runs and would end in a traceback), else None."""
+    from .run_dir import file_in_the_way
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key != "hydra.run.dir" or not value or "${" in value:
+            continue
+        blocker = file_in_the_way(Path(value))
+        if blocker is not None:
+            return f"hydra.run.dir={value}: {blocker} is a file, not a folder; choose another hydra.run.dir"
+        existing = next(p for p in (Path(value).absolute(), *Path(value).absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"hydra.run.dir={value}: {existing} is not writable; choose another hydra.run.dir"
+    return None
+
+
+def main() -> None:
+    """The ``lsr-run`` command: the run folder checked, then Hydra's main."""
+    problem = _check_run_dir(sys.argv[1:])
+    if problem:
+        print(f"lsr-run: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _main()
 
 
 if __name__ == "__main__":

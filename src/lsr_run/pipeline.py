@@ -8,6 +8,7 @@ corpus is built and reused by every query set on that corpus.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir as rd
 from .data import Dataset, load_dataset, read_trec_run, training_examples
-from . import distributed
+from . import distributed, interrupt
 from .encoding import EncodeSpec, encode_corpus, encode_queries, merge_stats, read_query_vectors
 from .errors import ConfigError, LsrError
 from .evaluation import evaluate_run, remove_self_hits
@@ -53,6 +54,22 @@ class EvalDataset:
     remove_self_hits: bool = False
     max_queries: int | None = None  # keep the first N judged queries (by id): quick slices for tests
     metrics: list[str] | None = None  # this dataset's metrics, when they differ from eval.metrics
+
+
+def load_model_folder(path: Path, what: str) -> SpladeEncoder:
+    """``SpladeEncoder.load`` with a missing, truncated or foreign model folder as one LsrError."""
+    if not path.is_dir():
+        raise LsrError(f"{what}={path}: no such model folder; point it at a folder written by a train stage")
+    try:
+        return SpladeEncoder.load(path)
+    except LsrError:
+        raise
+    except Exception as e:  # OSError, safetensors' errors, json errors, ... from a damaged folder
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        weights = [p.name for p in path.glob("*.safetensors")] + [p.name for p in path.glob("*.bin")]
+        raise LsrError(f"{what}={path}: cannot be loaded ({type(e).__name__}: {reason}; weights present: "
+                       f"{', '.join(weights) or 'none'}); the folder is incomplete or damaged: point model.path at a "
+                       f"complete model folder, or retrain") from None
 
 
 def load_spec(spec: EvalDataset, data_dir: str | None = None) -> Dataset:
@@ -92,6 +109,24 @@ def build(node, key: str):
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 
 
+def check_names(cfg: DictConfig, eval_sets: dict[str, "EvalDataset"]) -> None:
+    """Config values that become file names in the run directory must not leave it (ConfigError)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run_name = cfg.get("run_name")
+    except OmegaConfBaseException:  # ${hydra:...} outside a Hydra run (compose API)
+        run_name = None
+    if run_name is not None:
+        rd.check_name(run_name, "run_name")
+    for key, spec in eval_sets.items():
+        rd.check_name(key, f"eval.datasets.{key}")
+        rd.check_name(spec.name, f"eval.datasets.{key}.name")
+        rd.check_name(spec.split, f"eval.datasets.{key}.split")
+    for name in cfg.eval.get("baselines") or {}:
+        rd.check_name(name, f"eval.baselines.{name}")
+
+
 class Experiment:
     """Holds the composed config, the run directory and lazily built pieces (encoder, datasets, backend).
 
@@ -116,11 +151,14 @@ class Experiment:
         self.backend = build(cfg.index, "index")
         self.eval_sets = {key: structured(EvalDataset, node, f"eval.datasets.{key}")
                           for key, node in (cfg.eval.datasets or {}).items()}
+        check_names(cfg, self.eval_sets)
         build(cfg.head_scaling, "head_scaling")
         if "train" in self.stages:
             self.train_spec = structured(TrainSpec, cfg.train, "train")
             self.train_spec.validate()
             self.data_spec = structured(EvalDataset, cfg.data.train, "data.train")
+            rd.check_name(self.data_spec.name, "data.train.name")
+            rd.check_name(self.data_spec.split, "data.train.split")
             self.candidates = build(cfg.candidates, "candidates")
             self.teacher = build(cfg.teacher, "teacher")
             self.sampler = build(cfg.sampling, "sampling")
@@ -157,9 +195,9 @@ class Experiment:
         if self._encoder is None:
             path = self.cfg.model.path
             if path:
-                self._encoder = SpladeEncoder.load(Path(path))
+                self._encoder = load_model_folder(Path(path), "model.path")
             elif self.run.model.exists():
-                self._encoder = SpladeEncoder.load(self.run.model)
+                self._encoder = load_model_folder(self.run.model, "the run's model")
             elif "train" not in self.stages:
                 log.warning("no trained model (model.path unset, no %s): encoding with the untrained backbone",
                             self.run.model)
@@ -321,6 +359,7 @@ class Experiment:
                     self.record_collapse()
                 log.warning("%s: skipped, training collapsed (train.collapse.evaluate=true scores it anyway)", stage)
                 continue
+            interrupt.set_stage(stage)
             start = time.time()
             log.info("stage %s", stage)
             result = getattr(self, f"stage_{stage}")()
@@ -369,7 +408,8 @@ def print_table(metrics: dict, baselines: dict[str, dict], metric: str = "ndcg@1
         table.add_column(name, justify="right")
     table.add_column("q terms", justify="right")
     table.add_column("d terms", justify="right")
-    lines = [f"| dataset | model | {' | '.join(baselines)} | q terms | d terms |"]
+    header = ["dataset", "model", *baselines, "q terms", "d terms"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for key, entry in metrics.items():
         if not isinstance(entry, dict) or metric not in entry:
             continue
@@ -398,6 +438,7 @@ def run(cfg: DictConfig, root: Path) -> dict:
         meta["paths"] = OmegaConf.to_container(cfg.paths, resolve=True) if "paths" in cfg else None
         meta["processes"] = ctx.world
         rd.write_json(run_dir.meta, meta)
+        rd.write_json(run_dir.status, {"state": "running", "pid": os.getpid()})
     ctx.barrier()
     metrics = experiment.execute()
     if not ctx.is_main:
@@ -419,4 +460,6 @@ def run(cfg: DictConfig, root: Path) -> dict:
                              metrics, rd.read_json(run_dir.meta))
         table = print_table(metrics, baselines)
         rd.write_text(run_dir.root / "table.md", table + "\n")
+    interrupt.check()
+    rd.write_json(run_dir.status, {"state": "done"})
     return metrics
