@@ -1,8 +1,9 @@
 """SPLADE pooling: masking, max-before-activation, and the chunked max-logits projection."""
 
+import pytest
 import torch
 
-from lsr_run.models.max_logits import max_logits
+from lsr_run.models.max_logits import _forward, max_logits
 from lsr_run.models.splade import splade_pool
 
 from conftest import make_tiny_encoder
@@ -38,6 +39,46 @@ def test_max_logits_matches_full_projection_and_gradients():
     grads_chunked = torch.autograd.grad((chunked * g).sum(), [hidden, weight, bias])
     for a, b in zip(grads_full, grads_chunked):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("sparsity", [0.0, 0.97])
+def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, sparsity):
+    """Values and gradients of hidden, decoder weight (tied to an input embedding or not) and bias, against
+    autograd through (B, L, V) logits; bf16 inputs are compared on the same bf16-rounded values."""
+    torch.manual_seed(3)
+    b, length, width, vocab = 4, 11, 16, 300
+    ids = torch.randint(0, vocab, (b, length))
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 7:], mask[3, 2:] = 0, 0
+    base = (torch.randn(vocab, width) * 0.5).to(dtype).float()
+    proj = (torch.randn(width, width) * 0.3).to(dtype).float()
+    bias0 = torch.randn(vocab).to(dtype).float()
+    upstream = torch.randn(b, vocab)
+    upstream[torch.rand(b, vocab) < sparsity] = 0  # relu zeroes most entries once training has sparsified
+
+    def run(sparse: bool):
+        weight = base.clone().requires_grad_()
+        embed = weight if tied else base.clone().requires_grad_()
+        bias = bias0.clone().requires_grad_()
+        hidden = (embed[ids] @ proj).to(dtype)  # the "encoder": input embeddings -> hidden states
+        if sparse:
+            out = max_logits(hidden, weight.to(dtype), bias, mask, chunk=64)
+        else:
+            logits = hidden.float() @ weight.to(dtype).float().T + bias
+            if dtype == torch.float32:
+                out = logits.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
+            else:  # bf16 rounding makes exact ties, which amax splits: route through the same winning tokens
+                _, winners = _forward(hidden.detach(), weight.detach().to(dtype), mask, 64, with_index=True)
+                out = logits.gather(1, winners.unsqueeze(1)).squeeze(1)
+        (out * upstream).sum().backward()
+        return out.detach(), weight.grad, bias.grad, (None if tied else embed.grad)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip(run(True), run(False)):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol)
 
 
 def test_max_logits_inference_path_equals_the_autograd_path():

@@ -3,8 +3,8 @@
 SPLADE needs, per text and vocabulary entry, max_t (h_t . E_v + b_v) over real tokens. The naive way builds the
 (B, L, V) logits tensor and keeps it for backward (30k-50k wide per token). ``max_logits`` computes the
 projection in tiles, keeps only the running max and (when training) the winning token per (text, entry), and in
-backward scatters the gradient back onto the winning tokens only, for the vocabulary entries that received a
-gradient: two matmuls per chunk, peak memory O(B * L * chunk) instead of O(B * L * V).
+backward sends each non-zero gradient to its winning token by a gather and a scatter-add (no dense matmul over
+all tokens): peak memory O(B * L * chunk) instead of O(B * L * V).
 Output equals ``(h @ E.T + b).masked_fill(pad, -inf).amax(1)``.
 
 Forward tiling depends on the device. On a CPU one text at a time over its real tokens: no padding to mask, and
@@ -19,6 +19,8 @@ import torch
 
 # vocabulary entries per (entries x tokens) tile when a CPU encodes one text at a time: a few MB per text
 ROW_CHUNK = 8192
+# (text, entry) gradient pairs per gather/scatter-add in backward: bounds its memory to about 100 MB at H=384
+SPARSE_CHUNK = 1 << 16
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -77,28 +79,30 @@ class _MaxLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """Each (text, entry) gradient goes to its winning token only: a gather and a scatter-add per non-zero.
+
+        The dense equivalent multiplies a (B, L, V) gradient with one non-zero per (text, entry) column by the
+        decoder, twice; this does the same sums in O(non-zeros x H) instead of O(B x L x active V x H), in
+        float32 (relu has already zeroed every entry whose max logit is <= 0).
+        """
         hidden, weight, index = ctx.saved_tensors
         b, length, width = hidden.shape
-        vocab = weight.shape[0]
-        dtype = ctx.dtype
-        h = hidden.to(dtype).reshape(b * length, width)
-        grad_hidden = torch.zeros(b, length, width, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(vocab, width, dtype=torch.float32, device=hidden.device) \
-            if ctx.needs_input_grad[1] else None
-        # relu zeroes the gradient of every entry whose max logit is <= 0: only entries active somewhere in
-        # the batch need the two backward matmuls (a few thousand of 30k once training has sparsified)
-        active = torch.nonzero((grad != 0).any(0)).squeeze(1)
-        for start in range(0, active.numel(), ctx.chunk):
-            cols = active[start:start + ctx.chunk]
-            g = torch.zeros(b, length, cols.numel(), dtype=dtype, device=hidden.device)
-            g.scatter_(1, index[:, cols].unsqueeze(1), grad[:, cols].to(dtype).unsqueeze(1))
-            w = weight[cols].to(dtype)
-            grad_hidden += torch.matmul(g, w).float()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros(b * length, width, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        h = hidden.reshape(b * length, width)
+        pairs = torch.nonzero(grad)  # (N, 2): text, vocabulary entry
+        for start in range(0, pairs.shape[0], SPARSE_CHUNK):
+            text, entry = pairs[start:start + SPARSE_CHUNK].unbind(1)
+            g = grad[text, entry].float().unsqueeze(1)  # (n, 1)
+            rows = text * length + index[text, entry]  # the winning token of each pair, in the flat batch
+            if grad_hidden is not None:
+                grad_hidden.index_add_(0, rows, g * weight[entry].float())
             if grad_weight is not None:
-                grad_weight[cols] = (g.reshape(b * length, -1).T @ h).float()
+                grad_weight.index_add_(0, entry, g * h[rows].float())
         grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_hidden.to(hidden.dtype), None if grad_weight is None else grad_weight.to(weight.dtype),
-                grad_bias, None, None, None)
+        return (None if grad_hidden is None else grad_hidden.reshape(b, length, width).to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype), grad_bias, None, None, None)
 
 
 def max_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
