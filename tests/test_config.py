@@ -42,7 +42,7 @@ def test_every_option_composes(group, option):
     node = cfg[group] if group != "experiment" else cfg
     if group in INSTANTIATED:
         obj = instantiate(node)
-        assert obj is not None
+        assert type(obj).__name__ == str(node._target_).rsplit(".", 1)[1]  # the class the config names
     structured(BackboneSpec, cfg.backbone, "backbone")
     structured(TrainSpec, cfg.train, "train")
     for key, ds in cfg.eval.datasets.items():

@@ -43,7 +43,9 @@ def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (killed / "metrics.json").exists()
-    assert not list(killed.rglob("*.tmp-*")) or all(".tmp-" in x.name for x in killed.rglob("*.tmp-*"))
+    for done in killed.rglob("*.json"):  # written atomically: whatever exists under its final name is whole
+        if ".tmp-" not in done.name:
+            json.loads(done.read_text())
     state = torch.load(ckpt, weights_only=False)
     assert 0 < state["step"] < 8
 
@@ -200,14 +202,14 @@ def test_collapse_fires_on_synthetic_collapse_not_on_healthy_run(tmp_path):
     assert (tmp_path / "d" / "run" / "checkpoints" / "last.pt").exists()
 
 
-def test_collapsed_run_records_step_in_metrics_and_keeps_checkpoint(toy, tmp_path):
+def test_collapsed_run_records_step_in_status_and_keeps_checkpoint(toy, tmp_path):
     run_dir = tmp_path / "collapsing"
     proc = cli(toy_overrides(toy, steps=6) + ["train.collapse.check_every=1", "train.collapse.patience=2",
                                               "train.collapse.dense_fraction=1e-6", f"hydra.run.dir={run_dir}"],
                {"LSR_DATA_DIR": str(toy["data"])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training collapsed at step 2" in proc.stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["collapsed"] is True and metrics["collapse"]["step"] == 2
-    assert metrics["toytest"] == {"scored": False}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["collapsed"] is True and status["collapse"]["step"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"toytest": {"scored": False}}
     assert (run_dir / "checkpoints" / "last.pt").exists()

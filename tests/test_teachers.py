@@ -61,12 +61,13 @@ def test_file_teacher_ids_matching_nothing_is_an_error(tmp_path):
         teacher.score({"q": "text"}, None, {"q": ["d"]}, tmp_path / "cache")
 
 
-def test_file_teacher_caches_by_content(tmp_path):
+def test_file_teacher_caches_by_content(tmp_path, monkeypatch):
     path = tmp_path / "scores.tsv"
     path.write_text("q\td1\t1.0\nq\td2\t2.0\n")
     teacher = FileTeacher(path=str(path), cache_dir=str(tmp_path / "shared"))
     got = teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run")
     assert got == {"q": {"d1": 1.0, "d2": 2.0}}
     assert len(list((tmp_path / "shared").glob("*.json"))) == 1
-    path.unlink()  # a second run with the same pairs is served from the cache
+    path.write_text("q\td1\t1.0\nq\td2\t2.0\n")  # rewritten with the same content: served from the cache
+    monkeypatch.setattr(FileTeacher, "compute", lambda *a: pytest.fail("scores computed again"))
     assert teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run2") == got

@@ -64,7 +64,7 @@ def _main(cfg: DictConfig) -> float | None:
 
     from . import interrupt
     from . import run_dir as rd
-    from .errors import LsrError
+    from .errors import LsrError, RunDirBusy
     from .pipeline import run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,6 +94,8 @@ def _main(cfg: DictConfig) -> float | None:
     except LsrError as e:
         log.error("%s", e)  # into the run's log file
         print(f"lsr-run: error: {e}", file=sys.stderr)
+        if isinstance(e, RunDirBusy):  # the folder is another process's: write nothing into it
+            sys.exit(2)
         if rd.RunDir(root).status.exists():
             _set_status(root, state="failed", stage=interrupt.stage(), error=str(e))
         if hc.mode == RunMode.MULTIRUN:

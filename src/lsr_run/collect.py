@@ -134,9 +134,13 @@ def load_run(path: Path) -> RunRecord:
 
 
 def _read_metrics(record: RunRecord) -> None:
+    """Datasets from metrics.json; whether training collapsed from status.json (older runs: from metrics.json)."""
     metrics = json.loads(record.run.metrics.read_text())
     record.metrics = {k: v for k, v in metrics.items() if isinstance(v, dict) and k != "collapse"}
-    if "collapsed" in metrics:
+    status = record.run.status
+    if status.exists() and "collapsed" in (outcome := json.loads(status.read_text())):
+        record.collapsed = bool(outcome["collapsed"])
+    elif "collapsed" in metrics:
         record.collapsed = bool(metrics["collapsed"])
 
 

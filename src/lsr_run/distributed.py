@@ -58,13 +58,6 @@ class Dist:
 
         return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
-    def gather_nograd(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
-
 
 _CURRENT = Dist()
 
@@ -102,8 +95,3 @@ def init() -> Dist:
 
 def current() -> Dist:
     return _CURRENT
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

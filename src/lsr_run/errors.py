@@ -15,3 +15,7 @@ class ConfigError(LsrError):
 
 class DataError(LsrError):
     """A dataset file that cannot be used, named by its path (and line where there is one)."""
+
+
+class RunDirBusy(LsrError):
+    """Another lsr-run process holds the run directory; nothing of it may be touched."""

@@ -145,10 +145,3 @@ def _has_vector_module() -> bool:
     return "jdk.incubator.vector" in out.stdout
 
 
-def java_available() -> bool:
-    try:
-        _has_vector_module()
-        anserini_jar()
-        return shutil.which(java_executable()) is not None or Path(java_executable()).exists()
-    except LsrError:
-        return False

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import run_dir as rd
 from .data import Dataset, load_dataset, read_trec_run, training_examples
 from . import distributed, interrupt
+from . import provenance as prov
 from .encoding import EncodeSpec, encode_corpus, encode_queries, merge_stats, read_query_vectors
-from .errors import ConfigError, LsrError
+from .errors import ConfigError, LsrError, RunDirBusy
 from .evaluation import evaluate_run, remove_self_hits
 from .models.backbone import BackboneSpec, load_backbone
 from .models.splade import SpladeEncoder
@@ -175,6 +176,84 @@ class Experiment:
         self._encoder: SpladeEncoder | None = None
         self._datasets: dict[str, Dataset] = {}
         self.train_result: dict | None = None
+        self._config: dict | None = None
+        self._forced: set[tuple[str, str]] = set()
+
+    # ---------------------------------------------------------------- provenance
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = OmegaConf.to_container(self.cfg, resolve=True)
+        return self._config
+
+    def current(self, stage: str, key: str, provenance: str) -> bool:
+        """True if ``stage`` (for ``key``) is done and was computed from the inputs it would use now."""
+        done = self.run.stage_done(stage, key)
+        if not done.exists():
+            return False
+        if self.cfg.get("force", False) and (stage, key) not in self._forced:
+            self._forced.add((stage, key))  # force=true: computed again once in this run
+            reason = "force=true"
+        elif rd.read_json(done).get("provenance") == provenance:
+            return True
+        else:
+            reason = "computed from other inputs"
+        log.warning("%s%s: the output in %s is %s; computing it again", stage, f" {key}" if key else "",
+                    self.run.root, "recomputed (force=true)" if reason == "force=true" else reason)
+        if self.dist.is_main:
+            done.unlink(missing_ok=True)
+        return False
+
+    def input_files(self) -> dict[str, str]:
+        """Content digests of the files the training config names (candidate runs, teacher scores)."""
+        out = {}
+        for section in ("candidates", "teacher"):
+            for dotted, value in prov.flatten(self.config.get(section) or {}).items():
+                if isinstance(value, str) and value and Path(value).is_file():
+                    out[f"{section}.{dotted}"] = prov.file_digest(Path(value))
+        return out
+
+    def train_inputs(self) -> dict:
+        spec = self.data_spec
+        folder = Path(spec.path) if spec.path else Path(OmegaConf.select(self.cfg, "paths.data_dir") or ".") / spec.name
+        files = [prov.corpus_file(folder), folder / "queries.jsonl", folder / "queries.jsonl.gz",
+                 folder / "qrels" / f"{spec.split}.tsv"]
+        content = {f.name: prov.file_digest(f) for f in files if f is not None and f.is_file()} or \
+            {"irds": spec.irds_id}
+        inputs = prov.train_inputs(self.config, prov.digest(content))
+        inputs["files"] = self.input_files()
+        return inputs
+
+    def model_key(self) -> str:
+        """Key of the model the encode stage uses: its tensors, or the untrained backbone's config."""
+        path = self.cfg.model.path
+        if path:
+            return prov.model_key(Path(path))
+        if self.run.model.exists():
+            return prov.model_key(self.run.model)
+        return prov.digest({"untrained": {k: self.config.get(k) for k in ("backbone", "head_scaling", "seed")}})
+
+    def corpus_id(self, ds: Dataset) -> str:
+        """Folder name of a corpus's encodings and index: its name and a digest of its content."""
+        return f"{ds.corpus_key}-{prov.corpus_digest(ds)[:10]}"
+
+    def encode_key(self, ds: Dataset) -> str:
+        return prov.digest({"model": self.model_key(), "encode": self.config.get("encode"),
+                            "corpus": prov.corpus_digest(ds)})
+
+    def queries_key(self, ds: Dataset) -> str:
+        texts = prov.texts_digest(ds.judged_queries())
+        if not self.backend.needs_vectors:
+            return texts
+        return prov.digest({"model": self.model_key(), "encode": self.config.get("encode"), "queries": texts})
+
+    def index_key(self, ds: Dataset) -> str:
+        source = self.encode_key(ds) if self.backend.needs_vectors else prov.corpus_digest(ds)
+        return prov.digest({"source": source, "index": self.config.get("index")})
+
+    def search_key(self, ds: Dataset) -> str:
+        return prov.digest({"index": self.index_key(ds), "queries": self.queries_key(ds),
+                            "k": self.config["eval"].get("k")})
 
     # ---------------------------------------------------------------- pieces
     def dataset(self, key: str) -> Dataset:
@@ -214,11 +293,36 @@ class Experiment:
         report = inspect_backbone(self.cfg, self.backbone, self.seed)
         rd.write_json(self.run.inspect, report)
 
-    def stage_train(self) -> None:
-        if rd.is_done(self.run, "train"):
-            self.train_result = rd.read_json(self.run.train_state)
-            log.info("train: done already (%s)", self.run.train_state)
+    def check_checkpoint(self, inputs: dict) -> None:
+        """A checkpoint made from other training inputs is refused (or, with force=true, dropped)."""
+        ckpt, record = self.run.checkpoints / "last.pt", self.run.checkpoints / "inputs.json"
+        if not ckpt.exists():
             return
+        old = rd.read_json(record) if record.exists() else None
+        force = self.cfg.get("force", False)
+        if old is not None and old.get("provenance") == prov.digest(inputs) and not force:
+            return
+        diff = prov.differences(old.get("inputs", {}), inputs) if old else ["(the checkpoint records no inputs)"]
+        if not force:
+            raise LsrError(f"checkpoint {ckpt} was made from other training inputs (differs in: {', '.join(diff)}); "
+                           f"resume it with its own config, or pass force=true to train again from step 0")
+        log.warning("force=true: dropping checkpoint %s (differs in: %s); training from step 0", ckpt,
+                    ", ".join(diff) or "nothing")
+        import shutil
+
+        shutil.rmtree(self.run.checkpoints)
+
+    def stage_train(self) -> None:
+        inputs = self.train_inputs()
+        key = prov.digest(inputs)
+        if self.current("train", "", key) and self.run.model.exists():
+            self.train_result = rd.read_json(self.run.train_state)
+            log.info("train: done already, from the same inputs (%s)", self.run.train_state)
+            return
+        if self.dist.is_main:
+            self.check_checkpoint(inputs)
+            rd.write_json(self.run.checkpoints / "inputs.json", {"provenance": key, "inputs": inputs})
+        self.dist.barrier()
         from .train import Trainer, TrainingData
 
         spec = self.train_spec
@@ -257,7 +361,8 @@ class Experiment:
         with rd.atomic_path(self.run.model) as tmp:
             encoder.save(tmp, max_length=self.encode_spec.doc_max_length)
         rd.write_json(self.run.train_state, result)
-        rd.mark_done(self.run, "train")
+        rd.mark_done(self.run, "train", info={"provenance": key, "inputs": inputs,
+                                             "model": prov.model_key(self.run.model)})
         self.dist.barrier()
         try:
             from .plots import plot_training
@@ -271,8 +376,10 @@ class Experiment:
             return
         for key in self.eval_sets:
             ds = self.dataset(key)
-            corpus_dir = self.run.encoded_corpus(ds.corpus_key)
-            if not rd.is_done(self.run, "encode", ds.corpus_key):
+            cid = self.corpus_id(ds)
+            corpus_dir = self.run.encoded_corpus(cid)
+            encode_key = self.encode_key(ds)
+            if not self.current("encode", cid, encode_key):
                 if self.dist.is_main and corpus_dir.exists():  # shards of an interrupted attempt: start over
                     import shutil
 
@@ -283,38 +390,44 @@ class Experiment:
                 self.dist.barrier()
                 if self.dist.is_main:
                     stats = merge_stats(corpus_dir)
-                    rd.mark_done(self.run, "encode", ds.corpus_key, stats)
-                    log.info("encoded %s: %d docs, %.1f terms/doc, %.1f docs/s", ds.corpus_key, stats["docs"],
+                    rd.mark_done(self.run, "encode", cid, {**stats, "provenance": encode_key})
+                    log.info("encoded %s: %d docs, %.1f terms/doc, %.1f docs/s", cid, stats["docs"],
                              stats["doc_terms"], stats["docs_per_second"])
             qpath = self.run.encoded_queries(key)
-            if self.dist.is_main and not qpath.exists():
+            queries_key = self.queries_key(ds)
+            if self.dist.is_main and not self.current("encode-queries", key, queries_key):
                 stats = encode_queries(self.encoder(), ds.judged_queries(), qpath, self.encode_spec)
                 rd.write_json(qpath.with_suffix(".stats.json"), stats)
+                rd.mark_done(self.run, "encode-queries", key, {"provenance": queries_key})
 
     def stage_index(self) -> None:
         for key in self.eval_sets:
             ds = self.dataset(key)
-            index_dir = self.run.index(ds.corpus_key)
-            if rd.is_done(self.run, "index", ds.corpus_key):
+            cid = self.corpus_id(ds)
+            index_dir = self.run.index(cid)
+            index_key = self.index_key(ds)
+            if self.current("index", cid, index_key):
                 continue
             if self.backend.needs_vectors:
-                self.backend.build(self.run.encoded_corpus(ds.corpus_key), index_dir)
+                self.backend.build(self.run.encoded_corpus(cid), index_dir)
             else:
                 self.backend.build_from_corpus(ds.corpus, index_dir)
-            rd.mark_done(self.run, "index", ds.corpus_key)
+            rd.mark_done(self.run, "index", cid, {"provenance": index_key})
 
     def stage_search(self) -> None:
         k = int(self.cfg.eval.k)
         for key in self.eval_sets:
             ds = self.dataset(key)
             run_path = self.run.run_file(key)
-            if run_path.exists():
+            search_key = self.search_key(ds)
+            if run_path.exists() and self.current("search", key, search_key):
                 continue
-            index_dir = self.run.index(ds.corpus_key)
+            index_dir = self.run.index(self.corpus_id(ds))
             if self.backend.needs_vectors:
                 self.backend.search(index_dir, read_query_vectors(self.run.encoded_queries(key)), k, run_path)
             else:
                 self.backend.search_text(index_dir, ds.judged_queries(), k, run_path)
+            rd.mark_done(self.run, "search", key, {"provenance": search_key})
 
     def stage_evaluate(self) -> dict:
         metrics_cfg = list(self.cfg.eval.metrics)
@@ -329,24 +442,29 @@ class Experiment:
             entry = dict(means)
             if self.backend.needs_vectors:
                 qstats = self.run.encoded_queries(key).with_suffix(".stats.json")
-                dstats = self.run.encoded_corpus(ds.corpus_key) / "stats.json"
+                dstats = self.run.encoded_corpus(self.corpus_id(ds)) / "stats.json"
                 entry["query_terms"] = rd.read_json(qstats)["query_terms"] if qstats.exists() else None
                 entry["doc_terms"] = rd.read_json(dstats)["doc_terms"] if dstats.exists() else None
             entry["queries"] = len(per_query)
             out[key] = entry
-        if self.train_result is not None:
-            out["collapsed"] = bool(self.train_result.get("collapsed", False))
-            if out["collapsed"]:
-                out["collapse"] = {k: self.train_result.get(k) for k in ("step", "reason")}
         rd.write_json(self.run.metrics, out)
         return out
 
     def record_collapse(self) -> None:
-        """metrics.json of a collapsed run: the collapse, and every dataset marked as not scored."""
-        out = {key: {"scored": False} for key in self.eval_sets}
-        out["collapsed"] = True
-        out["collapse"] = {k: self.train_result.get(k) for k in ("step", "reason", "query_terms", "doc_terms")}
-        rd.write_json(self.run.metrics, out)
+        """metrics.json of a collapsed run: every dataset marked as not scored (the collapse is in status.json)."""
+        rd.write_json(self.run.metrics, {key: {"scored": False} for key in self.eval_sets})
+
+    def training_outcome(self) -> dict:
+        """{collapsed, collapse: {step, reason, ...}} of this run's training, for status.json ({} without one)."""
+        result = self.train_result
+        if result is None and self.run.train_state.exists():
+            result = rd.read_json(self.run.train_state)
+        if result is None:
+            return {}
+        out = {"collapsed": bool(result.get("collapsed", False))}
+        if out["collapsed"]:
+            out["collapse"] = {k: result.get(k) for k in ("step", "reason", "query_terms", "doc_terms")}
+        return out
 
     # ---------------------------------------------------------------- driver
     def execute(self) -> dict:
@@ -368,7 +486,7 @@ class Experiment:
         return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
 
 
-IGNORED_FOR_IDENTITY = ("stages", "force", "model", "expected")
+IGNORED_FOR_IDENTITY = ("stages", "force", "model", "expected", "paths")  # paths: content is keyed instead
 
 
 def _identity(cfg: DictConfig) -> dict:
@@ -421,11 +539,51 @@ def print_table(metrics: dict, baselines: dict[str, dict], metric: str = "ndcg@1
     return "\n".join(lines)
 
 
+_LOCKS: dict[str, object] = {}
+
+
+def lock_run_dir(root: Path) -> None:
+    """One process per run directory: an advisory lock held until the process ends (or ``unlock_run_dir``)."""
+    import fcntl
+
+    path = Path(root) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirBusy(f"{root} is in use by another lsr-run process (pid {holder}); wait for it to finish, or "
+                       f"choose another hydra.run.dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCKS[str(Path(root).resolve())] = handle
+
+
+def unlock_run_dir(root: Path) -> None:
+    handle = _LOCKS.pop(str(Path(root).resolve()), None)
+    if handle is not None:
+        handle.close()  # closing the file releases the lock
+
+
 def run(cfg: DictConfig, root: Path) -> dict:
     ctx = distributed.init()
     run_dir = RunDir(Path(root))
     if ctx.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir.root)
+    try:
+        return _run_locked(cfg, run_dir, ctx)
+    finally:
+        if ctx.is_main:
+            unlock_run_dir(run_dir.root)
+
+
+def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx) -> dict:
+    if ctx.is_main:
         guard_run_dir(cfg, run_dir)
     torch.manual_seed(int(cfg.seed))
     experiment = Experiment(cfg, run_dir.root)  # validates everything before any file is written
@@ -461,5 +619,5 @@ def run(cfg: DictConfig, root: Path) -> dict:
         table = print_table(metrics, baselines)
         rd.write_text(run_dir.root / "table.md", table + "\n")
     interrupt.check()
-    rd.write_json(run_dir.status, {"state": "done"})
+    rd.write_json(run_dir.status, {"state": "done", **experiment.training_outcome()})
     return metrics

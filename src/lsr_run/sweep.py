@@ -62,8 +62,8 @@ def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run:
         if dry_run:
             results.append({"name": run.name, "overrides": run.overrides})
             continue
-        if (run_dir / "metrics.json").exists() and (run_dir / "timings.json").exists() and \
-                json.loads((run_dir / "timings.json").read_text()).get("evaluate") is not None:
+        status = run_dir / "status.json"
+        if status.exists() and json.loads(status.read_text()).get("state") == "done":
             print(f"[sweep] {run.name}: finished already", flush=True)
             results.append({"name": run.name, "status": "done"})
             continue

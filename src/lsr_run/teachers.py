@@ -195,8 +195,26 @@ class Teacher:
     def compute(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]]) -> Scores:  # pragma: no cover
         raise NotImplementedError
 
+    def inputs_digest(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]]) -> str:
+        """What the raw scores are a function of besides the pairs: settings, files and texts."""
+        import dataclasses
+
+        from .provenance import digest, file_digest
+
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("cache_dir", "normalize", "scale")}  # those two apply after the cache
+        files = {name: file_digest(Path(value)) for name, value in settings.items()
+                 if isinstance(value, str) and value and Path(value).is_file()}
+        h = hashlib.sha256()
+        for qid in sorted(pairs):
+            h.update(queries.get(qid, "").encode() + b"\0")
+            for doc_id in pairs[qid]:
+                h.update((corpus.text(doc_id) if corpus is not None and doc_id in corpus.texts else "").encode()
+                         + b"\0")
+        return digest({"settings": settings, "files": files, "texts": h.hexdigest()})
+
     def score(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]], run_cache: Path) -> Scores:
-        key = content_key(self.kind, self.model_name(), pairs)
+        key = content_key(self.kind, self.model_name(), pairs, self.inputs_digest(queries, corpus, pairs))
         places = [Path(run_cache) / f"{key}.json"] + ([Path(self.cache_dir) / f"{key}.json"] if self.cache_dir else [])
         for place in places:
             if place.exists():

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,7 +318,7 @@ class Trainer:
         mine = self.dist.slice(len(qids))
         q_texts = [self.data.queries[q] for q in qids[mine]]
         d_texts = [self.data.corpus.text(d) for docs, _ in groups[mine] for d in docs]
-        ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else _null()
+        ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
             q, d, _, _ = score_batch(self.encoder, q_texts, d_texts, spec, self.model)
         q, d = self.dist.gather(q.float()), self.dist.gather(d.float())  # the global batch
@@ -396,11 +397,3 @@ class Trainer:
         return {"steps": self.step, "resumed": resumed, "nonfinite_steps": self.nonfinite,
                 "seconds": time.time() - start_time, "last": last_stats,
                 **(self.collapsed or {"collapsed": False})}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -1,0 +1,109 @@
+"""Keys that say what a stage's output was computed from, so a result can never be reused stale.
+
+Every stage records, beside its output, a key: a digest of the config subset the stage reads and of the keys of
+the artefacts it consumes (model weights, corpus content, encoded shards, index, queries). A stage is skipped only
+when the key it recorded equals the key it would compute now. Keys chain: the model key is the digest of the
+model's tensors, the encode key contains the model key and the corpus content, the index key contains the encode
+key, the search key the index and query keys, so a change anywhere recomputes everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+# the config sections that determine a trained model
+TRAIN_SECTIONS = ("backbone", "head_scaling", "candidates", "teacher", "sampling", "loss", "regularizer", "train",
+                  "seed")
+# train.* keys that change how a result is computed or logged, not what it is
+TRAIN_NEUTRAL = ("log_every", "save_every")
+
+
+def digest(obj: Any) -> str:
+    """A short, stable digest of any JSON-able value."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (memoised per process by path, size and modification time)."""
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_DIGESTS[memo] = h.hexdigest()[:20]
+    return _FILE_DIGESTS[memo]
+
+
+def corpus_file(folder: Path) -> Path | None:
+    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def corpus_digest(dataset) -> str:
+    """Content key of a dataset's corpus: the corpus file's bytes (a folder) or the ir_datasets collection id."""
+    folder = Path(dataset.source) if dataset.source else None
+    file = corpus_file(folder) if folder is not None and folder.is_dir() else None
+    if file is not None:
+        return file_digest(file)
+    return digest({"collection": dataset.corpus_key, "source": dataset.source})
+
+
+def texts_digest(texts: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(texts):
+        h.update(key.encode() + b"\0" + texts[key].encode() + b"\n")
+    return h.hexdigest()[:20]
+
+
+def model_key(folder: Path) -> str:
+    """Key of a saved model: its settings (with the per-tensor digests the save wrote) and its weights file."""
+    folder = Path(folder)
+    parts = {}
+    for name in ("lsr_run.json", "model.safetensors"):
+        path = folder / name
+        parts[name] = file_digest(path) if path.is_file() else None
+    if not any(parts.values()):
+        parts["folder"] = str(folder.resolve())
+    return digest(parts)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def train_inputs(cfg: dict, data_key: str) -> dict:
+    """What a trained model is a function of: the training config (minus logging cadence) and the data."""
+    inputs = {k: cfg.get(k) for k in TRAIN_SECTIONS}
+    train = json.loads(json.dumps(inputs.get("train") or {}))
+    for dotted in TRAIN_NEUTRAL:
+        node = train
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    inputs["train"] = train
+    inputs["data"] = {"config": cfg.get("data", {}).get("train"), "content": data_key}
+    return inputs
