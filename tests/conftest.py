@@ -91,11 +91,9 @@ def toy(tmp_path):
 
 
 def toy_overrides(toy, steps=6):
-    return ["backbone=tiny_bert", "index=brute_force", "candidates=run_file", f"candidates.path={toy['candidates']}",
-            "data.train.name=toy", "data.train.irds_id=null", "eval=none", "+eval.datasets.toytest={name: toytest, split: test}",
-            f"train.max_steps={steps}", "train.batch_size=4", "train.save_every=2", "train.log_every=1",
-            "train.warmup_steps=1", "regularizer.warmup_steps=3", "train.doc_max_length=48", "train.bf16=false",
-            "encode.doc_max_length=48", "encode.bf16=false", "train.lr=1e-3"]
+    return ["debug=default", f"train.max_steps={steps}", "candidates=run_file", f"candidates.path={toy['candidates']}",
+            "data.train.name=toy", "data.train.irds_id=null", "eval=none",
+            "+eval.datasets.toytest={name: toytest, split: test}"]
 
 
 def cli(args, env_extra=None, wait=True):

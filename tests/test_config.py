@@ -34,12 +34,12 @@ def _compose(overrides):
 
 @pytest.mark.parametrize("group,option", list(options()))
 def test_every_option_composes(group, option):
-    if group == "experiment":
-        overrides = [f"experiment={option}"]
+    if group in ("experiment", "debug"):  # presets in the global package
+        overrides = [f"{group}={option}"]
     else:
         overrides = [f"{group}={option}"] + REQUIRED_PATHS.get((group, option), [])
     cfg = _compose(overrides)
-    node = cfg[group] if group != "experiment" else cfg
+    node = cfg[group] if group not in ("experiment", "debug") else cfg
     if group in INSTANTIATED:
         obj = instantiate(node)
         assert type(obj).__name__ == str(node._target_).rsplit(".", 1)[1]  # the class the config names
