@@ -537,9 +537,9 @@ def train_worker(argv: list[str]) -> None:
 def find_encoded_scifact() -> tuple[Path, Path] | None:
     """(index dir, encoded queries) of a finished lsr-run run on scifact under outputs/, newest first."""
     candidates = []
-    for done in ROOT.glob("outputs/**/.done/index-scifact"):
+    for done in ROOT.glob("outputs/**/.done/index-scifact-*"):  # index-<corpus>-<content digest>
         run = done.parent.parent
-        index, queries = run / "index" / "scifact", run / "encoded" / "scifact" / "queries.jsonl"
+        index, queries = run / "index" / done.name[len("index-"):], run / "encoded" / "scifact" / "queries.jsonl"
         if queries.exists() and any(index.glob("segments_*")):
             candidates.append((done.stat().st_mtime, index, queries))
     if not candidates:

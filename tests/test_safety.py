@@ -386,7 +386,8 @@ def test_sigterm_during_lucene_indexing_stops_the_indexer_and_resumes(toy, tmp_p
     assert status["state"] == "interrupted" and status["stage"] == "index"
     again = cli(args, env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert (run_dir / ".done" / "index-toytest").exists() and any((run_dir / "index" / "toytest").glob("segments_*"))
+    index = next((run_dir / "index").glob("toytest-*"))  # <corpus>-<content digest>
+    assert (run_dir / ".done" / f"index-{index.name}").exists() and any(index.glob("segments_*"))
 
 
 _CLI_SIGTERM_WHILE_ENCODING = """
@@ -417,8 +418,8 @@ def test_sigterm_during_encoding_leaves_no_tmp_shard(toy, tmp_path):
                            "+eval.datasets.toytest={name: toytest, split: test}", f"hydra.run.dir={run_dir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
-    shards = run_dir / "encoded" / "toytest" / "corpus"
-    assert shards.is_dir() and not list(shards.iterdir())  # neither .tmp shards nor half a corpus
+    shards = list((run_dir / "encoded").glob("toytest-*/corpus"))  # <corpus>-<content digest>
+    assert len(shards) == 1 and not list(shards[0].iterdir())  # neither .tmp shards nor half a corpus
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and status["stage"] == "encode"
 
