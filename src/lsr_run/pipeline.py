@@ -572,21 +572,21 @@ def unlock_run_dir(root: Path) -> None:
 def run(cfg: DictConfig, root: Path) -> dict:
     ctx = distributed.init()
     run_dir = RunDir(Path(root))
+    torch.manual_seed(int(cfg.seed))
+    experiment = Experiment(cfg, run_dir.root)  # validates everything before any file (or the lock) is written
     if ctx.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir.root)
     try:
-        return _run_locked(cfg, run_dir, ctx)
+        return _run_locked(cfg, run_dir, ctx, experiment)
     finally:
         if ctx.is_main:
             unlock_run_dir(run_dir.root)
 
 
-def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx) -> dict:
+def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx, experiment: Experiment) -> dict:
     if ctx.is_main:
         guard_run_dir(cfg, run_dir)
-    torch.manual_seed(int(cfg.seed))
-    experiment = Experiment(cfg, run_dir.root)  # validates everything before any file is written
     if ctx.is_main:
         rd.write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
         from .environment import lock_record
