@@ -386,7 +386,7 @@ def test_sigterm_during_lucene_indexing_stops_the_indexer_and_resumes(toy, tmp_p
     assert status["state"] == "interrupted" and status["stage"] == "index"
     again = cli(args, env)
     assert again.returncode == 0, again.stderr[-2000:]
-    index = next((run_dir / "index").glob("toytest-*"))  # <corpus>-<content digest>
+    index = next(p for p in (run_dir / "index").glob("toytest-*") if p.is_dir())  # <corpus>-<content digest>
     assert (run_dir / ".done" / f"index-{index.name}").exists() and any(index.glob("segments_*"))
 
 
