@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from .errors import LsrError
+from .provenance import flatten
 from .run_dir import RunDir
 
 BASELINES_DIR = "baselines"
@@ -225,19 +226,10 @@ def override_labels(runs: list[RunRecord]) -> list[str]:
     return [" ".join(f"{keys[i]}={row[i]}" for i in differing if row[i] is not None) for row in table]
 
 
-def _flatten(node, prefix: str = "") -> dict[str, object]:
-    if isinstance(node, dict):
-        out: dict[str, object] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def config_labels(runs: list[RunRecord]) -> list[str]:
     """``key=value`` for the resolved config keys that differ between runs (at most ``MAX_LABEL_KEYS``). A
     group whose ``_target_`` differs is shown as ``group=Class`` instead of leaf by leaf."""
-    flat = [{k: v for k, v in _flatten(r.config or {}).items() if k.split(".")[0] not in UNLABELLED_KEYS}
+    flat = [{k: v for k, v in flatten(r.config or {}).items() if k.split(".")[0] not in UNLABELLED_KEYS}
             for r in runs]
     keys: list[str] = []
     for f in flat:
