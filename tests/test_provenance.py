@@ -109,7 +109,7 @@ def test_teacher_cache_follows_the_file_content(tmp_path):
     from lsr_run.data import Corpus
     from lsr_run.teachers import FileTeacher
 
-    corpus = Corpus(titles={}, texts={"d1": "sparse retrieval", "d2": "dense retrieval"})
+    corpus = Corpus.from_dicts({}, {"d1": "sparse retrieval", "d2": "dense retrieval"})
     queries = {"q1": "what is sparse retrieval"}
     pairs = {"q1": ["d1", "d2"]}
     scores = tmp_path / "scores.tsv"
@@ -118,10 +118,8 @@ def test_teacher_cache_follows_the_file_content(tmp_path):
     assert teacher.score(queries, corpus, pairs, tmp_path / "run")["q1"] == {"d1": 3.0, "d2": 1.0}
     scores.write_text("q1\td1\t0.5\nq1\td2\t2.5\n")  # the file rewritten: new scores, not the cached ones
     assert teacher.score(queries, corpus, pairs, tmp_path / "run")["q1"] == {"d1": 0.5, "d2": 2.5}
-    corpus.texts["d2"] = "dense retrieval with a changed text"  # texts are part of the key too
-    key_texts = teacher.inputs_digest(queries, corpus, pairs)
-    corpus.texts["d2"] = "dense retrieval"
-    assert teacher.inputs_digest(queries, corpus, pairs) != key_texts
+    changed = Corpus.from_dicts({}, {"d1": "sparse retrieval", "d2": "dense retrieval with a changed text"})
+    assert teacher.inputs_digest(queries, changed, pairs) != teacher.inputs_digest(queries, corpus, pairs)
 
 
 def test_one_process_per_run_directory(toy, tmp_path):

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Dataset, read_trec_run
+from .data import Dataset, known, read_trec_run
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,12 @@ def _rank(run: dict[str, dict[str, float]], depth: int) -> Pools:
     return {q: sorted(docs, key=lambda d: (-docs[d], d))[:depth] for q, docs in run.items()}
 
 
-def _finish(pools: Pools, positives: dict[str, list[str]], corpus_ids: set[str], source: str) -> Pools:
+def _finish(pools: Pools, positives: dict[str, list[str]], corpus, source: str) -> Pools:
+    """Pools of the training queries without their positives and without ids the corpus lacks."""
+    in_corpus = known(corpus, list({d for q in positives for d in pools.get(q, [])}))
     out = {}
     for qid, pos in positives.items():
-        pool = [d for d in pools.get(qid, []) if d not in pos and d in corpus_ids]
+        pool = [d for d in pools.get(qid, []) if d not in pos and d in in_corpus]
         if pool:
             out[qid] = pool
     if not out:
@@ -59,7 +61,7 @@ class Bm25Candidates:
             backend.search_text(index, {q: dataset.queries[q] for q in positives}, self.depth + extra, run_path)
         pools = {q: [d for d in ranked if d not in positives[q]][: self.depth]
                  for q, ranked in _rank(read_trec_run(run_path), self.depth + 1000).items()}
-        return _finish(pools, positives, set(dataset.corpus.texts), "BM25")
+        return _finish(pools, positives, dataset.corpus, "BM25")
 
 
 @dataclass
@@ -71,7 +73,7 @@ class RunFileCandidates:
         if not self.path or not Path(self.path).exists():
             raise ConfigError(f"candidates.path={self.path!r}: TREC run file not found")
         return _finish(_rank(read_trec_run(Path(self.path)), self.depth), positives,
-                       set(dataset.corpus.texts), self.path)
+                       dataset.corpus, self.path)
 
 
 @dataclass
@@ -91,4 +93,4 @@ class TeacherFileCandidates:
             pools = {q: p[: self.depth] for q, p in pools.items()}
         else:
             pools = _rank(read_scores(Path(self.path), self.format), self.depth)
-        return _finish(pools, positives, set(dataset.corpus.texts), self.path)
+        return _finish(pools, positives, dataset.corpus, self.path)

@@ -5,6 +5,9 @@ A dataset is named in the config (``name``, ``split``, optional ``irds_id``). It
 JSON is reported with file and line, duplicate ids, ids with whitespace (TREC files cannot hold them),
 fractional relevance grades and non-UTF-8 bytes are errors, qrels naming unknown queries or documents are counted
 (an error if none match), empty documents and queries are counted.
+
+Documents and queries are converted once into memory-mapped Arrow tables (``lsr_run.store``): a corpus is a
+``Corpus`` (a read-only mapping id -> text read from the mapped file), never a dict of every document.
 """
 
 from __future__ import annotations
@@ -18,32 +21,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from .errors import DataError, LsrError
+from .store import TextTable, _slug, cache_root, convert_file, converted, write_text_table
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Corpus:
-    """Documents by id; ``text(doc_id)`` is ``title + " " + text`` as BEIR and Pyserini's flat indexes use."""
-
-    titles: dict[str, str]
-    texts: dict[str, str]
-    name: str = ""
-    empty: int = 0
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def ids(self) -> list[str]:
-        return list(self.texts)
-
-    def text(self, doc_id: str) -> str:
-        title = self.titles.get(doc_id, "")
-        body = self.texts[doc_id]
-        return f"{title} {body}".strip() if title else body
+class Corpus(TextTable):
+    """Documents by id on a memory-mapped Arrow table; ``text(doc_id)`` is ``title + " " + text`` as BEIR and
+    Pyserini's flat indexes use. ``Corpus.from_dicts(titles, texts, name)`` builds a small one in memory."""
 
 
 @dataclass
@@ -53,7 +41,7 @@ class Dataset:
     name: str
     corpus_key: str
     corpus: Corpus
-    queries: dict[str, str]
+    queries: Mapping[str, str]  # a TextTable (memory-mapped) or a dict
     qrels: dict[str, dict[str, int]]
     source: str = ""
     stats: dict = field(default_factory=dict)
@@ -140,44 +128,42 @@ def _id_of(obj: dict, path: Path, lineno: int, what: str = "document") -> str:
     raise DataError(f"{path}:{lineno}: no '_id' field")
 
 
-def load_corpus_file(path: Path, name: str = "") -> Corpus:
-    titles: dict[str, str] = {}
-    texts: dict[str, str] = {}
-    empty = 0
-    first_line: dict[str, int] = {}
+def _jsonl_rows(path: Path, what: str) -> Iterator[tuple[int, str, str, str]]:
+    """``(line, id, title, text)`` of a BEIR corpus or queries file, validated line by line."""
     for lineno, obj in iter_jsonl(path):
-        doc_id = _id_of(obj, path, lineno)
-        if doc_id in texts:
-            raise DataError(f"{path}:{lineno}: duplicate document id '{doc_id}' (first at line {first_line[doc_id]})")
-        first_line[doc_id] = lineno
-        title = str(obj.get("title") or "")
-        text = str(obj.get("text") or obj.get("contents") or "")
-        if not (title.strip() or text.strip()):
-            empty += 1
-        if title:
-            titles[doc_id] = title
-        texts[doc_id] = text
-    if not texts:
-        raise DataError(f"{path}: no documents")
-    if empty:
-        log.warning("%s: %d empty documents (indexed so they exist, they never match)", path, empty)
-    return Corpus(titles, texts, name=name, empty=empty)
+        row_id = _id_of(obj, path, lineno, what)
+        if what == "document":
+            title, text = str(obj.get("title") or ""), str(obj.get("text") or obj.get("contents") or "")
+        else:
+            title, text = "", str(obj.get("text") or obj.get("query") or "")
+        yield lineno, row_id, title, text
 
 
-def load_queries_file(path: Path) -> tuple[dict[str, str], int]:
-    queries: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    empty = 0
-    for lineno, obj in iter_jsonl(path):
-        qid = _id_of(obj, path, lineno, "query")
-        if qid in queries:
-            raise DataError(f"{path}:{lineno}: duplicate query id '{qid}' (first at line {first_line[qid]})")
-        first_line[qid] = lineno
-        text = str(obj.get("text") or obj.get("query") or "")
-        if not text.strip():
-            empty += 1
-        queries[qid] = text
-    return queries, empty
+def convert_jsonl(path: Path, what: str, cache_dir: str | None = None) -> Path:
+    """The Arrow conversion folder of a corpus (``what="document"``) or queries file, made on first use and
+    remade when the file's content changes."""
+    path = Path(path)
+
+    def build(tmp: Path) -> dict:
+        counts = write_text_table(tmp, _jsonl_rows(path, what), str(path), what)
+        if what == "document" and not counts["rows"]:
+            raise DataError(f"{path}: no documents")
+        return counts
+
+    return convert_file(path, "corpus" if what == "document" else "queries", build, cache_dir)
+
+
+def load_corpus_file(path: Path, name: str = "", cache_dir: str | None = None) -> Corpus:
+    """A BEIR ``corpus.jsonl(.gz)``, converted to Arrow once (``lsr_run.store``) and memory-mapped."""
+    corpus = Corpus.open(convert_jsonl(path, "document", cache_dir), name=name)
+    if corpus.empty:
+        log.warning("%s: %d empty documents (indexed so they exist, they never match)", path, corpus.empty)
+    return corpus
+
+
+def load_queries_file(path: Path, cache_dir: str | None = None) -> tuple[TextTable, int]:
+    queries = TextTable.open(convert_jsonl(path, "query", cache_dir), name=Path(path).parent.name)
+    return queries, queries.empty
 
 
 def load_qrels_file(path: Path) -> dict[str, dict[str, int]]:
@@ -230,17 +216,10 @@ def _find(folder: Path, stem: str) -> Path:
     raise DataError(f"{folder}: missing {stem}.jsonl (or {stem}.jsonl.gz)")
 
 
-_CORPUS_CACHE: dict[str, Corpus] = {}
-
-
-def load_folder(name: str, folder: Path, split: str) -> Dataset:
+def load_folder(name: str, folder: Path, split: str, cache_dir: str | None = None) -> Dataset:
     folder = Path(folder)
-    corpus_path = _find(folder, "corpus")
-    key = str(corpus_path.resolve())
-    if key not in _CORPUS_CACHE:
-        _CORPUS_CACHE[key] = load_corpus_file(corpus_path, name=folder.name)
-    corpus = _CORPUS_CACHE[key]
-    queries, empty_queries = load_queries_file(_find(folder, "queries"))
+    corpus = load_corpus_file(_find(folder, "corpus"), name=folder.name, cache_dir=cache_dir)
+    queries, empty_queries = load_queries_file(_find(folder, "queries"), cache_dir)
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.exists():
         have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
@@ -253,17 +232,29 @@ def load_folder(name: str, folder: Path, split: str) -> Dataset:
                    source=str(folder), stats=stats)
 
 
-def check_qrels(qrels: dict[str, dict[str, int]], queries: dict[str, str], corpus: Corpus, where: Path | str) -> dict:
+def known(table: Mapping[str, str], keys: list[str]) -> set[str]:
+    """The ``keys`` that ``table`` holds (one batched lookup on a TextTable)."""
+    if not keys:
+        return set()
+    if isinstance(table, TextTable):
+        return {k for k, hit in zip(keys, table.contains(keys)) if hit}
+    return {k for k in keys if k in table}
+
+
+def check_qrels(qrels: dict[str, dict[str, int]], queries: Mapping[str, str], corpus: Corpus,
+                where: Path | str) -> dict:
     """Drop judgements naming unknown queries/documents (counted); an error if nothing is left."""
-    unknown_q = [q for q in qrels if q not in queries]
+    known_q = known(queries, list(qrels))
+    unknown_q = [q for q in qrels if q not in known_q]
+    known_d = known(corpus, [d for docs in qrels.values() for d in docs])
     unknown_d = 0
     kept = 0
     for qid in list(qrels):
-        if qid not in queries:
+        if qid not in known_q:
             del qrels[qid]
             continue
         docs = qrels[qid]
-        for doc_id in [d for d in docs if d not in corpus.texts]:
+        for doc_id in [d for d in docs if d not in known_d]:
             del docs[doc_id]
             unknown_d += 1
         kept += len(docs)
@@ -280,25 +271,50 @@ def check_qrels(qrels: dict[str, dict[str, int]], queries: dict[str, str], corpu
 
 # ---------------------------------------------------------------- ir_datasets
 
-def load_irds(name: str, irds_id: str) -> Dataset:
-    """Load through ir_datasets (downloads on first use; needs internet)."""
+def _converted_rows(cache_dir: str | None, kind: str, key: dict, rows, where: str, what: str, name: str,
+                   cls=TextTable) -> TextTable:
+    """A table converted once from an iterator of ``(line, id, title, text)`` (ir_datasets, the Hub)."""
+    from .provenance import digest
+
+    slug = _slug(str(key.get("irds") or key.get("hf") or "data").replace("/", "__"))
+    folder = cache_root(cache_dir) / f"{kind}-{slug}-{digest({'format': 1, 'kind': kind, **key})[:16]}"
+
+    def build(tmp: Path) -> dict:
+        counts = write_text_table(tmp, rows(), where, what)
+        if not counts["rows"]:
+            raise DataError(f"{where}: no {what}s")
+        return {"source": where, **counts}
+
+    return cls.open(converted(folder, build), name=name)
+
+
+def load_irds(name: str, irds_id: str, cache_dir: str | None = None) -> Dataset:
+    """Load through ir_datasets (downloads on first use; needs internet); documents and queries are converted to
+    Arrow once, keyed by the ir_datasets id (whose files ir_datasets verifies by checksum)."""
     try:
         import ir_datasets
     except ImportError as e:  # pragma: no cover
         raise LsrError("ir_datasets is not installed") from e
+    where = f"ir_datasets {irds_id}"
     try:
         ds = ir_datasets.load(irds_id)
-        titles: dict[str, str] = {}
-        texts: dict[str, str] = {}
-        where = f"ir_datasets {irds_id}"
-        for doc in ds.docs_iter():
-            doc_id = check_id(str(doc.doc_id), where, None, "document")
-            title = getattr(doc, "title", "") or ""
-            if title:
-                titles[doc_id] = title
-            texts[doc_id] = getattr(doc, "text", None) or getattr(doc, "body", "") or ""
-        queries = {check_id(str(q.query_id), where, None, "query"): (getattr(q, "text", None) or getattr(q, "title", ""))
-                   for q in ds.queries_iter()}
+        # documents are shared across query sets of one collection (msmarco-passage/dev/small and trec-dl-2019,
+        # or beir/scifact/train and /test): ir_datasets names the collection that holds a dataset's documents
+        docs_id = ir_datasets.docs_parent_id(irds_id)
+
+        def doc_rows():
+            for doc in ds.docs_iter():
+                text = getattr(doc, "text", None) or getattr(doc, "body", "") or ""
+                yield None, check_id(str(doc.doc_id), where, None, "document"), getattr(doc, "title", "") or "", text
+
+        def query_rows():
+            for q in ds.queries_iter():
+                text = getattr(q, "text", None) or getattr(q, "title", "") or ""
+                yield None, check_id(str(q.query_id), where, None, "query"), "", text
+
+        corpus = _converted_rows(cache_dir, "corpus", {"irds": docs_id}, doc_rows, f"ir_datasets {docs_id}",
+                                 "document", docs_id.split("/")[0], cls=Corpus)
+        queries = _converted_rows(cache_dir, "queries", {"irds": irds_id}, query_rows, where, "query", irds_id)
         qrels: dict[str, dict[str, int]] = {}
         for qrel in ds.qrels_iter():
             qrels.setdefault(str(qrel.query_id), {})[str(qrel.doc_id)] = int(qrel.relevance)
@@ -310,20 +326,66 @@ def load_irds(name: str, irds_id: str) -> Dataset:
         raise LsrError(f"dataset '{name}': ir_datasets could not load '{irds_id}' ({type(e).__name__}: {e}). "
                        f"Without internet, put the data in BEIR layout at $LSR_DATA_DIR/{name}/ "
                        f"(corpus.jsonl, queries.jsonl, qrels/<split>.tsv).") from None
-    corpus = Corpus(titles, texts, name=irds_id.split("/")[0])
     stats = check_qrels(qrels, queries, corpus, irds_id)
-    # documents are shared across query sets of one collection (msmarco-passage/dev/small and trec-dl-2019, or
-    # beir/scifact/train and /test): ir_datasets names the collection that holds a dataset's documents
-    corpus_key = ir_datasets.docs_parent_id(irds_id)
-    return Dataset(name=name, corpus_key=corpus_key.replace("/", "__"), corpus=corpus, queries=queries,
+    stats.update(empty_documents=corpus.empty, empty_queries=queries.empty)
+    return Dataset(name=name, corpus_key=docs_id.replace("/", "__"), corpus=corpus, queries=queries,
                    qrels=qrels, source=f"irds:{irds_id}", stats=stats)
 
 
-def load_dataset(name: str, split: str = "test", irds_id: str | None = None, path: str | None = None) -> Dataset:
+def load_hf(name: str, hf_id: str, split: str = "test", cache_dir: str | None = None) -> Dataset:
+    """A BEIR-style dataset on the Hugging Face Hub: ``<hf_id>`` with configs ``corpus`` and ``queries``
+    (``_id``, ``title``, ``text``) and ``<hf_id>-qrels`` with the split (``query-id``, ``corpus-id``, ``score``),
+    as the BeIR organisation publishes them. Converted to Arrow once, keyed by the id and the Hub's fingerprint."""
+    import datasets
+
+    where = f"Hugging Face dataset {hf_id}"
+    try:
+        docs = datasets.load_dataset(hf_id, "corpus", split="corpus")
+        qs = datasets.load_dataset(hf_id, "queries", split="queries")
+        judged = datasets.load_dataset(f"{hf_id}-qrels", split=split)
+    except Exception as e:  # offline, unknown id, missing split: many exception types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise LsrError(f"dataset '{name}': the Hugging Face Hub could not load '{hf_id}' ({type(e).__name__}: "
+                       f"{reason}). Without internet, put the data in BEIR layout at $LSR_DATA_DIR/{name}/ "
+                       f"(corpus.jsonl, queries.jsonl, qrels/<split>.tsv).") from None
+
+    def rows(table, what):
+        def gen():
+            for batch in table.iter(batch_size=BATCH):
+                ids = batch.get("_id") or batch.get("id")
+                titles = batch.get("title") or [""] * len(ids)
+                for i, (row_id, text) in enumerate(zip(ids, batch.get("text") or batch.get("query"))):
+                    yield None, check_id(str(row_id), where, None, what), str(titles[i] or ""), str(text or "")
+        return gen
+
+    corpus = _converted_rows(cache_dir, "corpus", {"hf": hf_id, "fingerprint": docs._fingerprint},
+                             rows(docs, "document"), where, "document", name, cls=Corpus)
+    queries = _converted_rows(cache_dir, "queries", {"hf": hf_id, "fingerprint": qs._fingerprint},
+                              rows(qs, "query"), where, "query", name)
+    qrels: dict[str, dict[str, int]] = {}
+    for batch in judged.iter(batch_size=BATCH):
+        for qid, doc_id, rel in zip(batch["query-id"], batch["corpus-id"], batch["score"]):
+            qrels.setdefault(check_id(str(qid), where, None, "query"), {})[
+                check_id(str(doc_id), where, None, "document")] = int(rel)
+    stats = check_qrels(qrels, queries, corpus, where)
+    stats.update(empty_documents=corpus.empty, empty_queries=queries.empty)
+    return Dataset(name=name, corpus_key=_slug(hf_id.replace("/", "__")), corpus=corpus, queries=queries,
+                   qrels=qrels, source=f"hf:{hf_id}", stats=stats)
+
+
+BATCH = 10_000
+
+
+def load_dataset(name: str, split: str = "test", irds_id: str | None = None, path: str | None = None,
+                 cache_dir: str | None = None, hf_id: str | None = None) -> Dataset:
+    """A folder (``path``, or ``$LSR_DATA_DIR/<name>``) when there is one, else the Hub (``hf_id``), else
+    ir_datasets (``irds_id``)."""
+    if hf_id and not path and not (data_dir() and (data_dir() / name).is_dir()):
+        return load_hf(name, hf_id, split, cache_dir)
     kind, where = resolve(name, irds_id, path)
     if kind == "folder":
-        return load_folder(name, Path(where), split)
-    return load_irds(name, where)
+        return load_folder(name, Path(where), split, cache_dir)
+    return load_irds(name, where, cache_dir)
 
 
 def training_examples(dataset: Dataset) -> dict[str, list[str]]:

@@ -25,6 +25,7 @@ from .run_dir import atomic_path, write_error, write_json
 log = logging.getLogger(__name__)
 
 EMPTY_DOC_TERM = "[lsr-run:empty]"
+ENCODE_CHUNK = 65_536  # documents read from the corpus table at a time (and sorted by length among themselves)
 
 
 @dataclass
@@ -103,27 +104,29 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
     whole corpus should at least be split into (the indexing threads); each rank writes its part of them."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = corpus.ids()
-    per = -(-len(ids) // world)
-    ids = ids[rank * per:(rank + 1) * per]
-    texts = [corpus.text(i) for i in ids]
-    blank = [not t.strip() for t in texts]
-    n_shards = shard_count(len(ids), spec.shard_size, -(-min_shards // world))
+    per = -(-len(corpus) // world)
+    lo, hi = rank * per, min(len(corpus), (rank + 1) * per)
+    n_docs = max(0, hi - lo)
+    n_shards = shard_count(n_docs, spec.shard_size, -(-min_shards // world))
     writer = ShardWriter([out_dir / f"part-{rank:03d}-{s:05d}.jsonl" for s in range(n_shards)],
                          term_vocabulary(encoder.tokenizer))
-    try:
-        for positions, weights in encoder.encode(texts, spec.doc_max_length, spec.batch_size, spec.bf16,
-                                                 progress=f"encode {corpus.name}"):
-            writer.write([ids[i] for i in positions], [blank[i] for i in positions],
-                         quantize(weights, QUANTIZATION_SCALE))
-            interrupt.check()  # a signal whose exception was swallowed stops encoding here
+    empty = 0
+    try:  # texts stream from the memory-mapped table, ENCODE_CHUNK at a time (each chunk sorted by length)
+        for ids, texts in corpus.batches(lo, hi, ENCODE_CHUNK):
+            blank = [not t.strip() for t in texts]
+            empty += sum(blank)
+            for positions, weights in encoder.encode(texts, spec.doc_max_length, spec.batch_size, spec.bf16,
+                                                     progress=f"encode {corpus.name}"):
+                writer.write([ids[i] for i in positions], [blank[i] for i in positions],
+                             quantize(weights, QUANTIZATION_SCALE))
+                interrupt.check()  # a signal whose exception was swallowed stops encoding here
     except BaseException:  # an error or a signal (interrupt.Interrupted): no .tmp shard is left behind
         writer.close(keep=False)
         raise
     writer.close()
     seconds = time.time() - start
-    stats = {"docs": len(ids), "doc_terms": writer.total_terms / max(1, len(ids)), "empty_docs": int(sum(blank)),
-             "shards": n_shards, "seconds": seconds, "docs_per_second": len(ids) / max(1e-9, seconds)}
+    stats = {"docs": n_docs, "doc_terms": writer.total_terms / max(1, n_docs), "empty_docs": int(empty),
+             "shards": n_shards, "seconds": seconds, "docs_per_second": n_docs / max(1e-9, seconds)}
     write_json(out_dir / f"stats-{rank:03d}.json", stats)
     return stats
 

@@ -51,6 +51,7 @@ class EvalDataset:
     name: str
     split: str = "test"
     irds_id: str | None = None
+    hf_id: str | None = None  # a BEIR-style Hugging Face Hub dataset (BeIR/scifact): configs corpus, queries; <id>-qrels
     path: str | None = None
     remove_self_hits: bool = False
     max_queries: int | None = None  # keep the first N judged queries (by id): quick slices for tests
@@ -73,12 +74,13 @@ def load_model_folder(path: Path, what: str) -> SpladeEncoder:
                        f"complete model folder, or retrain") from None
 
 
-def load_spec(spec: EvalDataset, data_dir: str | None = None) -> Dataset:
-    """An explicit ``path``, else ``<paths.data_dir>/<name>`` when that folder exists, else the ir_datasets id."""
+def load_spec(spec: EvalDataset, data_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+    """An explicit ``path``, else ``<paths.data_dir>/<name>`` when that folder exists, else the Hub id, else the
+    ir_datasets id; text converted to Arrow once under ``<paths.cache_dir>/data`` (``lsr_run.store``)."""
     path = spec.path
     if path is None and data_dir and (Path(data_dir) / spec.name).is_dir():
         path = str(Path(data_dir) / spec.name)
-    ds = load_dataset(spec.name, spec.split, spec.irds_id, path)
+    ds = load_dataset(spec.name, spec.split, spec.irds_id, path, cache_dir, spec.hf_id)
     if spec.max_queries is not None:
         keep = sorted(ds.qrels)[: spec.max_queries]
         ds.qrels = {q: ds.qrels[q] for q in keep}
@@ -258,7 +260,8 @@ class Experiment:
     # ---------------------------------------------------------------- pieces
     def dataset(self, key: str) -> Dataset:
         if key not in self._datasets:
-            self._datasets[key] = load_spec(self.eval_sets[key], OmegaConf.select(self.cfg, "paths.data_dir"))
+            self._datasets[key] = load_spec(self.eval_sets[key], OmegaConf.select(self.cfg, "paths.data_dir"),
+                                             OmegaConf.select(self.cfg, "paths.cache_dir"))
         return self._datasets[key]
 
     def fresh_encoder(self) -> SpladeEncoder:
@@ -326,7 +329,8 @@ class Experiment:
         from .train import Trainer, TrainingData
 
         spec = self.train_spec
-        dataset = load_spec(self.data_spec, OmegaConf.select(self.cfg, "paths.data_dir"))
+        dataset = load_spec(self.data_spec, OmegaConf.select(self.cfg, "paths.data_dir"),
+                            OmegaConf.select(self.cfg, "paths.cache_dir"))
         positives = training_examples(dataset)
         pools = self.candidates.pools(dataset, positives, self.run.candidates)
         scores = None

@@ -30,17 +30,22 @@ _FILE_DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (memoised per process by path, size and modification time)."""
+    """SHA-256 of a file's bytes, memoised per process by path, size, modification time and inode, except for a
+    file modified in the last two seconds (rewritten within one clock tick, it would keep its size and time)."""
+    import time
+
     path = Path(path)
     st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if memo in _FILE_DIGESTS:
+        return _FILE_DIGESTS[memo]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if st.st_mtime_ns < time.time_ns() - 2_000_000_000:
         _FILE_DIGESTS[memo] = h.hexdigest()[:20]
-    return _FILE_DIGESTS[memo]
+    return h.hexdigest()[:20]
 
 
 def corpus_file(folder: Path) -> Path | None:
@@ -51,7 +56,10 @@ def corpus_file(folder: Path) -> Path | None:
 
 
 def corpus_digest(dataset) -> str:
-    """Content key of a dataset's corpus: the corpus file's bytes (a folder) or the ir_datasets collection id."""
+    """Content key of a dataset's corpus: the corpus file's bytes (a folder; computed once, when the file was
+    converted to Arrow) or the ir_datasets collection id."""
+    if getattr(dataset.corpus, "digest", ""):
+        return dataset.corpus.digest
     folder = Path(dataset.source) if dataset.source else None
     file = corpus_file(folder) if folder is not None and folder.is_dir() else None
     if file is not None:

@@ -19,11 +19,13 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .data import check_id, split_columns
 from .errors import ConfigError, DataError
+from .store import ScoreTable, convert_file, write_score_table
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,8 @@ def read_score_pickle(path: Path) -> Scores:
     return out
 
 
-def read_score_tsv(path: Path) -> Scores:
-    out: Scores = {}
+def score_rows_tsv(path: Path) -> Iterator[tuple[str, str, float]]:
+    """``(qid, pid, score)`` of a ``qid <tab> pid <tab> score`` file (a header line is skipped), validated."""
     with _open(path, "rt") as f:
         for lineno, line in enumerate(f, 1):
             parts = split_columns(line)
@@ -122,11 +124,18 @@ def read_score_tsv(path: Path) -> Scores:
             for value, what in ((parts[0], "query"), (parts[1], "document")):
                 check_id(value, f"teacher file {path}", lineno, what)
             try:
-                out.setdefault(parts[0], {})[parts[1]] = float(parts[2])
+                score = float(parts[2])
             except ValueError:
                 if lineno == 1:
                     continue  # header
                 raise DataError(f"teacher file {path}:{lineno}: score '{parts[2]}' is not a number") from None
+            yield parts[0], parts[1], score
+
+
+def read_score_tsv(path: Path) -> Scores:
+    out: Scores = {}
+    for qid, pid, score in score_rows_tsv(path):
+        out.setdefault(qid, {})[pid] = score
     return out
 
 
@@ -152,14 +161,39 @@ def read_hard_negatives(path: Path, systems: list[str] | None = None) -> tuple[d
     return positives, candidates
 
 
-def read_scores(path: Path, fmt: str = "auto") -> Scores:
-    readers = {"pickle": read_score_pickle, "tsv": read_score_tsv}
+def _format(path: Path, fmt: str) -> str:
     if fmt == "auto":
         name = str(path).lower()
         fmt = "pickle" if ".pkl" in name or ".pickle" in name else "tsv"
-    if fmt not in readers:
-        raise ConfigError(f"teacher.format={fmt}: allowed auto, {', '.join(readers)} (hard_negatives via candidates)")
-    return readers[fmt](Path(path))
+    if fmt not in ("pickle", "tsv"):
+        raise ConfigError(f"teacher.format={fmt}: allowed auto, pickle, tsv (hard_negatives via candidates)")
+    return fmt
+
+
+def read_scores(path: Path, fmt: str = "auto") -> Scores:
+    """The whole file as ``{qid: {pid: score}}`` (small files; ``score_table`` for large ones)."""
+    readers = {"pickle": read_score_pickle, "tsv": read_score_tsv}
+    return readers[_format(path, fmt)](Path(path))
+
+
+def score_table(path: Path, fmt: str = "auto", cache_dir: str | None = None) -> ScoreTable:
+    """A score file converted once to a memory-mapped Arrow table grouped by query (``lsr_run.store``), keyed by
+    the file's path, size, modification time and inode: ``scores(qid)`` reads one query's pairs. A TSV file is
+    streamed (hundreds of millions of pairs never sit in memory); a pickle is a single object and is read whole
+    once, at conversion."""
+    path = Path(path)
+    fmt = _format(path, fmt)
+    if not path.exists():
+        raise DataError(f"teacher file {path}: not found")
+    def rows():
+        if fmt == "tsv":
+            yield from score_rows_tsv(path)
+        else:
+            for qid, docs in read_score_pickle(path).items():
+                for pid, score in docs.items():
+                    yield qid, pid, score
+
+    return ScoreTable(convert_file(path, "scores", lambda tmp: write_score_table(tmp, rows()), cache_dir, fmt=fmt))
 
 
 def content_key(kind: str, model: str, pairs: dict[str, list[str]], extra: str = "") -> str:
@@ -205,12 +239,15 @@ class Teacher:
                     if f.name not in ("cache_dir", "normalize", "scale")}  # those two apply after the cache
         files = {name: file_digest(Path(value)) for name, value in settings.items()
                  if isinstance(value, str) and value and Path(value).is_file()}
+        from .data import known
+
         h = hashlib.sha256()
         for qid in sorted(pairs):
             h.update(queries.get(qid, "").encode() + b"\0")
+            present = known(corpus, pairs[qid]) if corpus is not None else set()
+            texts = iter(corpus.many([d for d in pairs[qid] if d in present])) if present else iter(())
             for doc_id in pairs[qid]:
-                h.update((corpus.text(doc_id) if corpus is not None and doc_id in corpus.texts else "").encode()
-                         + b"\0")
+                h.update((next(texts) if doc_id in present else "").encode() + b"\0")
         return digest({"settings": settings, "files": files, "texts": h.hexdigest()})
 
     def score(self, queries: dict[str, str], corpus, pairs: dict[str, list[str]], run_cache: Path) -> Scores:
@@ -253,11 +290,11 @@ class FileTeacher(Teacher):
     def compute(self, queries, corpus, pairs) -> Scores:
         if not self.path:
             raise ConfigError("teacher.path: required for teacher=file")
-        scores = read_scores(Path(self.path), self.format)
+        scores = score_table(Path(self.path), self.format, self.cache_dir)
         out: Scores = {}
         missing = 0
         for qid, docs in pairs.items():
-            have = scores.get(qid, {})
+            have = scores.scores(qid)
             out[qid] = {}
             for d in docs:
                 if d in have:
@@ -267,7 +304,7 @@ class FileTeacher(Teacher):
         matched = sum(len(v) for v in out.values())
         if matched == 0:
             raise DataError(f"teacher file {self.path}: no (query id, doc id) pair matches the training data "
-                            f"(file has {len(scores)} queries, e.g. {next(iter(scores), None)!r}; "
+                            f"(file has {len(scores)} queries, e.g. {scores.example_query()!r}; "
                             f"training has e.g. {next(iter(pairs), None)!r})")
         if missing:
             log.warning("teacher file %s: %d of %d pairs have no score (those candidates are dropped)",
@@ -299,7 +336,7 @@ class BiEncoderTeacher(Teacher):
         doc_ids = sorted({d for docs in pairs.values() for d in docs})
         q_emb = model.encode([queries[q] for q in qids], batch_size=self.batch_size, normalize_embeddings=True,
                              convert_to_numpy=True, show_progress_bar=True)
-        d_emb = model.encode([corpus.text(d) for d in doc_ids], batch_size=self.batch_size,
+        d_emb = model.encode(corpus.many(doc_ids), batch_size=self.batch_size,
                              normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True)
         row = {d: i for i, d in enumerate(doc_ids)}
         return {q: {d: float(q_emb[i] @ d_emb[row[d]]) for d in pairs[q]} for i, q in enumerate(qids)}
@@ -330,7 +367,8 @@ class CrossEncoderTeacher(Teacher):
             raise LsrError(f"teacher.model={self.model}: cannot be loaded (offline?); pass a local path. "
                            f"({str(e).splitlines()[0][:200]})") from None
         flat = [(q, d) for q, docs in pairs.items() for d in docs]
-        values = model.predict([(queries[q], corpus.text(d)) for q, d in flat], batch_size=self.batch_size,
+        doc_texts = corpus.many([d for _, d in flat])
+        values = model.predict([(queries[q], t) for (q, _), t in zip(flat, doc_texts)], batch_size=self.batch_size,
                                show_progress_bar=True)
         out: Scores = {}
         for (q, d), s in zip(flat, values):

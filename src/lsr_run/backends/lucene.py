@@ -138,8 +138,9 @@ class LuceneBm25Backend:
         index_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=index_dir.parent, prefix=".bm25-docs-") as docs_dir:
             with open(Path(docs_dir) / "docs.jsonl", "w", encoding="utf-8") as f:
-                for doc_id in corpus.ids():
-                    f.write(json.dumps({"id": doc_id, "contents": corpus.text(doc_id)}) + "\n")
+                for ids, texts in corpus.batches():  # streamed from the memory-mapped table
+                    for doc_id, text in zip(ids, texts):
+                        f.write(json.dumps({"id": doc_id, "contents": text}) + "\n")
             with atomic_path(index_dir) as tmp:
                 run_anserini("index.IndexCollection",
                              ["-collection", "JsonCollection", "-input", docs_dir, "-index", str(tmp),
