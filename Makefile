@@ -99,5 +99,5 @@ bm25-beir: $(STAMP) ## BM25 on six small BEIR sets vs Pyserini's nDCG@10 (no GPU
 .PHONY: bench
 BENCH_ARGS ?=
 
-bench: $(STAMP) ## lsr-run vs sentence-transformers/Pyserini: encode, train step, search, index -> outputs/bench/bench.json (BENCH_ARGS=--quick)
+bench: $(STAMP) ## lsr-run vs sentence-transformers/Pyserini: encode, train step, search, index, data -> outputs/bench/bench.json (BENCH_ARGS=--quick)
 	$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """Benchmark lsr-run against the reference tools, side by side, in one run, on one machine.
 
-Four sections, each timing lsr-run and its reference on the same model, inputs and precision:
+Five sections, each timing lsr-run and its reference on the same model, inputs and precision:
 
 encode   document encoding (docs/s): ``SpladeEncoder.encode`` (chunked max-logits, bf16 autocast when the device
          supports it, length-sorted batches) against sentence-transformers' ``SparseEncoder.encode``
@@ -27,6 +27,10 @@ index    Lucene impact index build (docs/s) of a synthetic corpus (Zipfian terms
          frequency) on the shard layout the encode stage writes (one shard per thread), beside Pyserini's
          ``python -m pyserini.index.lucene --impact`` (each term repeated impact times) on the same shards and
          the same thread count. tests/test_integration.py checks that both index layouts rank identically.
+data     corpus loading (a synthetic 1M-document BEIR corpus, or 50k with --quick): the one-time Arrow conversion,
+         then load seconds, peak RSS and random access by id from the memory-mapped table, against the dict loader
+         it replaced (kept in this file as ``baseline_load_corpus``); each side in a fresh process. Then two
+         processes map one conversion at the same moment (two DDP ranks) and report their RSS and PSS.
 
 Ratios are lsr-run / reference: above 1 is better for throughputs, below 1 for times and memory.
 
@@ -67,6 +71,7 @@ SIZES = {
     "search_query_copies": (1, 10),
     "search_fallback_docs": (300, 2000),
     "index_docs": (10_000, 100_000),
+    "data_docs": (50_000, 1_000_000),
 }
 DOC_MAX_LENGTH = 256
 QUERY_MAX_LENGTH = 64
@@ -557,7 +562,7 @@ def build_fallback_index(ctx: Context) -> tuple[Path, Path]:
     n = size("search_fallback_docs", ctx.quick)
     ds = scifact()
     keep = ds.corpus.ids()[:n]
-    sub = Corpus({d: ds.corpus.titles.get(d, "") for d in keep}, {d: ds.corpus.texts[d] for d in keep}, "scifact")
+    sub = Corpus.from_dicts({}, dict(zip(keep, ds.corpus.many(keep))), "scifact")
     root = ctx.work / "search_fallback"
     vectors, queries, index = root / "corpus", root / "queries.jsonl", root / "index"
     if not any(index.glob("segments_*")):
@@ -789,6 +794,185 @@ def pyserini_worker(argv: list[str]) -> None:
 
 
 # ==================================================================================== report
+# ==================================================================================== data
+def synthetic_text_corpus(path: Path, n_docs: int, seed: int = 0) -> dict:
+    """A BEIR ``corpus.jsonl`` of ``n_docs`` documents of random words (Zipf over 30,000 made-up words; a title
+    of 4-12 words, a text of 40-160: about 700 bytes a document, as MS MARCO passages with their titles)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = np.array(["".join(rng.choice(letters, int(rng.integers(2, 10)))) for _ in range(30_000)], dtype=object)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
+    cdf = np.cumsum(p / p.sum())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for lo in range(0, n_docs, 10_000):
+            n = min(10_000, n_docs - lo)
+            t_len, x_len = rng.integers(4, 13, n), rng.integers(40, 161, n)
+            draws = words[np.minimum(np.searchsorted(cdf, rng.random(int(t_len.sum() + x_len.sum()))), len(words) - 1)]
+            at = 0
+            lines = []
+            for i in range(n):
+                title = " ".join(draws[at:at + t_len[i]]); at += t_len[i]
+                text = " ".join(draws[at:at + x_len[i]]); at += x_len[i]
+                lines.append(json.dumps({"_id": f"d{lo + i}", "title": title, "text": text}))
+            f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return {"docs": n_docs, "mb": path.stat().st_size / 2**20}
+
+
+def memory_mb() -> dict:
+    """Resident memory of this process now, split into anonymous memory (its own) and file-backed pages (the
+    memory-mapped tables: page cache that every process mapping the file shares), and its proportional share."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(line.split()[1]) / 1024
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def baseline_load_corpus(path: Path) -> dict[str, str]:
+    """The corpus loader before Arrow (the BEIR JSONL read line by line into dicts of titles and texts, with the
+    same checks), kept here as the reference the data section measures against."""
+    titles, texts, first = {}, {}, {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            doc_id = str(obj["_id"])
+            if doc_id in texts:
+                raise ValueError(f"{path}:{lineno}: duplicate document id '{doc_id}' (first at line {first[doc_id]})")
+            first[doc_id] = lineno
+            title = str(obj.get("title") or "")
+            if title:
+                titles[doc_id] = title
+            texts[doc_id] = str(obj.get("text") or "")
+    return {"titles": titles, "texts": texts}
+
+
+def data_worker(argv: list[str]) -> None:
+    """One side of the data section in a fresh process: load (or convert), then random access by id."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--side", choices=["baseline", "convert", "arrow"], required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--lookups", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.add_argument("--start-at", type=float, default=0.0, help="time.time() to start at (two processes at once)")
+    args = p.parse_args(argv)
+    import random
+
+    from lsr_run.data import load_corpus_file
+
+    result: dict = {"side": args.side, "rss_before_mb": memory_mb().get("VmRSS")}
+    while time.time() < args.start_at:
+        time.sleep(0.01)
+    with Stopwatch() as load:
+        if args.side == "baseline":
+            corpus = baseline_load_corpus(Path(args.corpus))
+            n = len(corpus["texts"])
+        else:
+            corpus = load_corpus_file(Path(args.corpus), cache_dir=args.cache)
+            n = len(corpus)
+    result.update(load_seconds=load.seconds, docs=n, after_load=memory_mb(), rss_peak_load_mb=peak_rss_mb())
+    if args.side == "convert":
+        result["rss_peak_mb"] = peak_rss_mb()
+        Path(args.out).write_text(json.dumps(result))
+        return
+    rng = random.Random(0)
+    ids = [f"d{rng.randrange(n)}" for _ in range(args.lookups)]  # the synthetic ids are d0 .. d<n-1>
+    chars = 0  # texts are read and dropped, as a training step does: the figure is the reads' cost
+    with Stopwatch() as access:
+        if args.side == "baseline":
+            titles, texts = corpus["titles"], corpus["texts"]
+            for lo in range(0, len(ids), args.batch):
+                chars += sum(len(f"{titles[i]} {texts[i]}" if i in titles else texts[i]) for i in ids[lo:lo + args.batch])
+        else:
+            for lo in range(0, len(ids), args.batch):
+                chars += sum(map(len, corpus.many(ids[lo:lo + args.batch])))
+    with Stopwatch() as single:
+        if args.side == "baseline":
+            one = [corpus["texts"][i] for i in ids[:10_000]]
+        else:
+            one = [corpus.text(i) for i in ids[:10_000]]
+    result.update(random_access_docs_per_s=len(ids) / access.seconds, random_access_batch=args.batch,
+                  single_access_docs_per_s=len(one) / single.seconds, chars_read=chars,
+                  rss_peak_mb=peak_rss_mb(), after_access=memory_mb())
+    Path(args.out).write_text(json.dumps(result))
+
+
+def bench_data(ctx: Context) -> dict:
+    """Corpus loading: today's Arrow tables (converted once, memory-mapped) against the dict loader they replaced,
+    each in a fresh process; then two processes mapping one conversion at once (two DDP ranks)."""
+    n = size("data_docs", ctx.quick)
+    root = ctx.work / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / f"synthetic-{n}" / "corpus.jsonl"
+    corpus.parent.mkdir(exist_ok=True)
+    if not corpus.exists():
+        log.info("data: writing a synthetic %d-document corpus to %s", n, corpus)
+        synthetic_text_corpus(corpus, n)
+        settled = time.time_ns() - 3600 * 10**9  # as a corpus on disk usually is: written well before its first
+        os.utime(corpus, ns=(settled, settled))  # use (a file written a moment ago has its content re-checked)
+    cache = root / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+
+    def worker(side: str, tag: str, start_at: float = 0.0) -> subprocess.Popen:
+        out = root / f"{tag}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_data", "--side", side, "--corpus", str(corpus),
+               "--cache", str(cache), "--out", str(out), "--start-at", str(start_at)]
+        return subprocess.Popen(cmd)
+
+    def run(side: str, tag: str) -> dict:
+        proc = worker(side, tag)
+        if proc.wait() != 0:
+            raise RuntimeError(f"data worker {side} failed ({proc.returncode})")
+        return json.loads((root / f"{tag}.json").read_text())
+
+    converted = run("convert", "convert")  # first use: JSONL -> Arrow, validated
+    arrow = run("arrow", "arrow")  # later runs: map the conversion
+    baseline = run("baseline", "baseline")
+    start_at = time.time() + 3.0  # two ranks mapping the same conversion at the same moment
+    procs = [worker("arrow", f"rank{r}", start_at) for r in range(2)]
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError("data worker (two ranks) failed")
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+    def figures(r: dict) -> dict:
+        return {"rss_peak_mb": r["rss_peak_load_mb"], "rss_peak_after_access_mb": r["rss_peak_mb"],
+                "rss_after_load_mb": r["after_load"].get("VmRSS"),
+                "load_seconds": r["load_seconds"], "random_access_docs_per_s": r["random_access_docs_per_s"],
+                "single_access_docs_per_s": r["single_access_docs_per_s"], "after_access": r["after_access"]}
+
+    out = {"docs": n, "corpus_mb": corpus.stat().st_size / 2**20, **figures(arrow),
+           "conversion_seconds": converted["load_seconds"], "conversion_rss_peak_mb": converted["rss_peak_mb"],
+           "cache_mb": dir_mb(cache), "random_access_batch": arrow["random_access_batch"],
+           "baseline": figures(baseline),
+           "two_ranks": [{"load_seconds": r["load_seconds"], "rss_peak_mb": r["rss_peak_load_mb"],
+                          "pss_after_access_mb": r["after_access"].get("Pss"),
+                          "rss_peak_after_access_mb": r["rss_peak_mb"],
+                          "after_access": r["after_access"]} for r in ranks]}
+    out["ratios"] = {"rss_peak": ratio(out["rss_peak_mb"], out["baseline"]["rss_peak_mb"]),
+                     "load_seconds": ratio(out["load_seconds"], out["baseline"]["load_seconds"]),
+                     "random_access": ratio(out["random_access_docs_per_s"],
+                                            out["baseline"]["random_access_docs_per_s"])}
+    return out
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -855,11 +1039,34 @@ def table(results: dict) -> str:
                               f"{ix['corpus']['mean_terms_per_doc']:.0f} terms)",
                      fmt(r["lsr_run"]["docs_per_second"], ".0f"), fmt(r["pyserini"]["docs_per_second"], ".0f"),
                      fmt(ix["ratio_docs_per_second"], ".2f")))
+    da = results.get("data")
+    if da:
+        b = da["baseline"]
+        rows.append(("data", f"load s ({da['docs']} docs, {da['corpus_mb']:.0f} MB JSONL)", fmt(da["load_seconds"], ".3f"),
+                     fmt(b["load_seconds"], ".2f"), fmt(da["ratios"]["load_seconds"], ".4f")))
+        rows.append(("data", "peak RSS MB (process, through load)", fmt(da["rss_peak_mb"], ".0f"),
+                     fmt(b["rss_peak_mb"], ".0f"), fmt(da["ratios"]["rss_peak"], ".3f")))
+        rows.append(("data", "peak RSS MB (after random access)", fmt(da["rss_peak_after_access_mb"], ".0f"),
+                     fmt(b["rss_peak_after_access_mb"], ".0f"), ""))
+        rows.append(("data", "  RSS now: anonymous / file-backed MB",
+                     f"{da['after_access'].get('RssAnon', 0):.0f} / {da['after_access'].get('RssFile', 0):.0f}",
+                     f"{b['after_access'].get('RssAnon', 0):.0f} / {b['after_access'].get('RssFile', 0):.0f}", ""))
+        rows.append(("data", f"random access docs/s (by id, {da['random_access_batch']} a call)",
+                     fmt(da["random_access_docs_per_s"], ".0f"), fmt(b["random_access_docs_per_s"], ".0f"),
+                     fmt(da["ratios"]["random_access"], ".3f")))
+        rows.append(("data", "random access docs/s (one id a call)", fmt(da["single_access_docs_per_s"], ".0f"),
+                     fmt(b["single_access_docs_per_s"], ".0f"), ""))
+        rows.append(("data", "one-time conversion s / peak RSS MB",
+                     f"{da['conversion_seconds']:.1f} / {da['conversion_rss_peak_mb']:.0f}", "", ""))
+        rows.append(("data", "two ranks at once, each: peak RSS MB (load; after access), PSS after",
+                     " / ".join(f"{r['rss_peak_mb']:.0f}; {r['rss_peak_after_access_mb']:.0f}, "
+                                f"{r.get('pss_after_access_mb') or 0:.0f}" for r in da["two_ranks"]), "", ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    notes = ["reference: sentence-transformers (encode, train), Pyserini CLI (search, index); "
+    notes = ["reference: sentence-transformers (encode, train), Pyserini CLI (search, index), "
+             "the dict loader Arrow replaced (data); "
              "ratio = lsr-run / reference (throughput: >1 better; seconds, MB: <1 better)"]
     if enc and len(enc["precisions"]) > 1:
         notes.append("encode bf16: both under torch.autocast(bfloat16) (SparseEncoder.encode wrapped by the caller)")
@@ -894,7 +1101,8 @@ def environment(args) -> dict:
     return info
 
 
-SECTIONS = {"encode": bench_encode, "train": bench_train, "search": bench_search, "index": bench_index}
+SECTIONS = {"encode": bench_encode, "train": bench_train, "search": bench_search, "index": bench_index,
+            "data": bench_data}
 
 
 def main() -> None:
@@ -902,6 +1110,8 @@ def main() -> None:
         return train_worker(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "_pyserini":
         return pyserini_worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_data":
+        return data_worker(sys.argv[2:])
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
