@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from lsr_run.errors import ConfigError
+from lsr_run.losses import RankingLoss
 
 from conftest import CONF_DIR, WORDS, cli, losses, toy_overrides
 
@@ -94,6 +95,8 @@ def _experiment(overrides, tmp_path):
     (["head_scaling=constant", "head_scaling.k=0"], "head_scaling.k=0: must be > 0"),
     (["sampling.num_negatives=80"], "sampling.num_negatives=80 is larger than the candidate pool (candidates.depth=50)"),
     (["loss=kl_div"], "needs teacher scores but teacher=none"),
+    (["loss=kl_infonce"], "needs teacher scores but teacher=none"),  # a weighted sum needs what its parts need
+    (["loss=margin_mse", "loss._target_=torch.nn.L1Loss"], "loss: torch.nn.L1Loss is not a ranking loss"),
     (["regularizer.lambda_d=-0.1"], "regularizer.lambda_d=-0.1: must be >= 0"),
     (["stages=[train,dance]"], "stages: unknown ['dance']"),
     (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
@@ -127,23 +130,22 @@ def test_external_failures_give_one_clear_message(toy, tmp_path):
     assert data.returncode == 2 and "LSR_DATA_DIR" in data.stderr and "Traceback" not in data.stderr
 
 
-class _NaNAt:
+class _NaNAt(RankingLoss):
     """A ranking loss that returns NaN on chosen calls: a numeric fault on demand."""
-
-    needs_teacher = False
 
     def __init__(self, bad_calls):
         from lsr_run.losses import InfoNCE
 
+        super().__init__()
         self.inner, self.bad, self.calls = InfoNCE(), set(bad_calls), 0
 
-    def __call__(self, batch):
+    def forward(self, batch):
         self.calls += 1
         value = self.inner(batch)
         return value * float("nan") if self.calls in self.bad else value
 
 
-def _trainer(tmp_path, loss, **spec_overrides):
+def _trainer(tmp_path, loss, regularizer=None, **spec_overrides):
     from lsr_run.losses import FlopsRegularizer
     from lsr_run.run_dir import RunDir
     from lsr_run.sampling import RandomSampler
@@ -158,14 +160,17 @@ def _trainer(tmp_path, loss, **spec_overrides):
     docs = [f"d{i}" for i in range(20)]
     data = TrainingData({f"q{i}": f"query {WORDS[i]}" for i in range(8)}, {f"q{i}": [f"d{i}"] for i in range(8)},
                         {f"q{i}": [d for d in docs if d != f"d{i}"] for i in range(8)}, Corpus())
-    spec = TrainSpec(batch_size=4, max_steps=6, doc_max_length=24, bf16="false", save_every=100, log_every=1,
-                     warmup_steps=0, collapse=CollapseSpec(**spec_overrides.pop("collapse", {})), **spec_overrides)
+    settings = {"batch_size": 4, "max_steps": 6, "doc_max_length": 24, "bf16": "false", "save_every": 100,
+                "log_every": 1, "warmup_steps": 0, **spec_overrides}
+    collapse = CollapseSpec(**settings.pop("collapse", {}))
+    spec = TrainSpec(**settings, collapse=collapse)
     encoder = make_tiny_encoder("bert")
     with torch.no_grad():  # calibrate the random head like a real one: about 1% of logits positive
         batch = encoder.tokenize([Corpus().text("d3"), "query sparse"], 24)
         logits = encoder.logits(batch["input_ids"], batch["attention_mask"])
         encoder.mlm.get_output_embeddings().bias.sub_(torch.quantile(logits.flatten()[:100000].float(), 0.99))
-    return Trainer(encoder, data, RandomSampler(2), loss, FlopsRegularizer(warmup_steps=0), spec,
+    regularizer = FlopsRegularizer(warmup_steps=0) if regularizer is None else regularizer
+    return Trainer(encoder, data, RandomSampler(2), loss, regularizer, spec,
                    RunDir(tmp_path / "run"), seed=0)
 
 

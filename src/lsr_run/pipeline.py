@@ -24,6 +24,7 @@ from . import provenance as prov
 from .encoding import EncodeSpec, encode_corpus, encode_queries, merge_stats, read_query_vectors
 from .errors import ConfigError, LsrError, RunDirBusy
 from .evaluation import evaluate_run, remove_self_hits
+from .losses import RankingLoss
 from .models.backbone import BackboneSpec, load_backbone
 from .models.splade import SpladeEncoder
 from .run_dir import RunDir
@@ -167,7 +168,9 @@ class Experiment:
             self.sampler = build(cfg.sampling, "sampling")
             self.loss = build(cfg.loss, "loss")
             self.regularizer = build(cfg.regularizer, "regularizer")
-            if getattr(self.loss, "needs_teacher", False) and not self.teacher.enabled:
+            if not isinstance(self.loss, RankingLoss):
+                raise ConfigError(f"loss: {cfg.loss.get('_target_')} is not a ranking loss (lsr_run.losses)")
+            if self.loss.needs_teacher and not self.teacher.enabled:
                 raise ConfigError(f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} needs teacher scores but teacher=none; "
                                   "choose teacher=bi_encoder|cross_encoder|file or a loss without teacher (infonce)")
             depth = getattr(self.candidates, "depth", None)

@@ -36,10 +36,12 @@ def plot_training(run: RunDir) -> Path | None:
         axes[0].plot(steps, [r.get(key) for r in records], label=key, linestyle="--")
     axes[0].set_title("loss")
     axes[0].legend(fontsize=7)
-    axes[1].plot(steps, [r["lambda_q"] for r in records], label="lambda_q")
-    axes[1].plot(steps, [r["lambda_d"] for r in records], label="lambda_d")
-    axes[1].set_title("FLOPS weight")
-    axes[1].legend(fontsize=7)
+    weights = [k for k in records[-1] if k.startswith("lambda_")]  # logged by a regularizer with weights
+    for key in weights:
+        axes[1].plot(steps, [r.get(key) for r in records], label=key)
+    axes[1].set_title("regularizer weight" if weights else "no regularizer")
+    if weights:
+        axes[1].legend(fontsize=7)
     axes[2].plot(steps, [r["query_terms"] for r in records], label="query")
     axes[2].plot(steps, [r["doc_terms"] for r in records], label="document")
     axes[2].set_yscale("log")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, LsrError
-from .losses import ScoredBatch
+from .losses import RankingLoss, ScoredBatch
 from .models.splade import SpladeEncoder, resolve_bf16
 from .run_dir import RunDir, atomic_path, write_json
 from .sampling import item_rng
@@ -227,7 +227,9 @@ class Trainer:
         if spec.batch_size % self.dist.world:
             raise ConfigError(f"train.batch_size={spec.batch_size}: must be divisible by the number of processes "
                               f"({self.dist.world})")
-        if getattr(loss, "needs_teacher", False) and data.teacher is None:
+        if not isinstance(loss, RankingLoss):
+            raise ConfigError(f"loss: expected a ranking loss (lsr_run.losses), got {type(loss).__name__}")
+        if loss.needs_teacher and data.teacher is None:
             raise ConfigError("loss needs teacher scores but teacher=none; choose teacher=bi_encoder|cross_encoder|file")
         self.encoder, self.data, self.sampler, self.loss, self.reg = encoder, data, sampler, loss, regularizer
         self.spec, self.run, self.seed = spec, run, seed
@@ -325,20 +327,18 @@ class Trainer:
             q, d, _, _ = score_batch(self.encoder, q_texts, d_texts, spec, self.model)
         q, d = self.dist.gather(q.float()), self.dist.gather(d.float())  # the global batch
         all_scores, group = scores_of(q, d)
-        rank_loss = self.loss(ScoredBatch(group, all_scores, teacher))
-        reg = self.reg(q.float(), d.float(), self.step)
-        total = rank_loss + reg["reg"]
+        rank = self.loss.evaluate(ScoredBatch(group, all_scores, teacher))
+        reg = self.reg(q.float(), d.float(), self.step)  # {"reg": the term to add, ...: what it logs}
+        total = rank.total + reg["reg"]
         with torch.no_grad():
-            stats = {"epoch": epoch, "loss": float(total), "rank_loss": float(rank_loss), "reg": float(reg["reg"]),
-                     "flops_q": float(reg["flops_q"]), "flops_d": float(reg["flops_d"]),
-                     "lambda_q": float(reg["lambda_q"]), "lambda_d": float(reg["lambda_d"]),
+            stats = {"epoch": epoch, "loss": float(total), "rank_loss": float(rank.total),
+                     **{name: float(value) for name, value in reg.items()},
                      "query_terms": float((q > 0).sum(1).float().mean()),
                      "doc_terms": float((d > 0).sum(1).float().mean()),
                      "doc_weight_mean": float(d[d > 0].mean()) if (d > 0).any() else 0.0,
                      "doc_weight_max": float(d.max()),
-                     "score_gap": float((group[:, 0] - group[:, 1:].mean(1)).mean())}
-            for name, value in getattr(self.loss, "last_parts", {}).items():
-                stats[f"loss_{name}"] = value
+                     "score_gap": float((group[:, 0] - group[:, 1:].mean(1)).mean()),
+                     **{f"loss_{name}": value for name, value in rank.parts.items()}}
         return {"total": total, "stats": stats}
 
     def train(self) -> dict:
