@@ -1,5 +1,9 @@
+import json
+from dataclasses import dataclass
+
+from lsr_run.backends import TextBackend
 from lsr_run.backends.brute_force import BruteForceBackend
-from lsr_run.data import read_trec_run
+from lsr_run.data import read_trec_run, write_trec_run
 from lsr_run.impacts import write_vectors
 
 
@@ -20,3 +24,63 @@ def test_exact_scores_and_id_tie_break(tmp_path):
     assert list(run["q"]) == ["d1", "d2", "d4"]
     assert run["q"] == {"d1": 11.0, "d2": 11.0, "d4": 10.0}
     assert "none" not in run
+
+
+def test_what_a_backend_indexes_is_its_type():
+    import dataclasses
+
+    from lsr_run.backends import TextBackend, VectorBackend
+    from lsr_run.backends.lucene import LuceneBm25Backend, LuceneImpactBackend
+
+    for backend in (BruteForceBackend(), LuceneImpactBackend()):
+        assert isinstance(backend, VectorBackend) and not isinstance(backend, TextBackend)
+    assert isinstance(LuceneBm25Backend(), TextBackend) and not isinstance(LuceneBm25Backend(), VectorBackend)
+    for cls in (BruteForceBackend, LuceneImpactBackend, LuceneBm25Backend):
+        assert "needs_vectors" not in {f.name for f in dataclasses.fields(cls)}  # no config field decides it
+    assert BruteForceBackend().indexing_threads == 1
+    assert LuceneImpactBackend(threads=3).indexing_threads == 3
+
+
+@dataclass
+class WordOverlap(TextBackend):
+    """A text backend for the tests: scores a document by the number of query words it contains."""
+
+    batch_size: int = 256  # index=brute_force's key, so the preset's node builds this class too
+
+    def build_from_corpus(self, corpus, index_dir):
+        docs = {d: t.lower().split() for ids, texts in corpus.batches() for d, t in zip(ids, texts)}
+        index_dir.mkdir(parents=True)
+        (index_dir / "docs.json").write_text(json.dumps(docs))
+        return {"docs": len(docs)}
+
+    def search_text(self, index_dir, queries, k, run_path):
+        docs = json.loads((index_dir / "docs.json").read_text())
+        run = {}
+        for qid, text in queries.items():
+            words = set(text.lower().split())
+            scored = sorted(((-sum(w in words for w in ws), d) for d, ws in docs.items()))
+            run[qid] = [(d, float(-s)) for s, d in scored[:k] if s < 0]
+        write_trec_run(run_path, run)
+
+
+def test_a_text_backend_is_searched_with_text_and_encodes_nothing(toy, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR, toy_overrides
+    from lsr_run.pipeline import Experiment
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=toy_overrides(toy) + [
+            "stages=[encode,index,search,evaluate]", f"paths.data_dir={toy['data']}", "paths.cache_dir=null",
+            f"index._target_={__name__}.WordOverlap"])
+    experiment = Experiment(cfg, tmp_path / "run")
+    assert not experiment.vectors
+    metrics = experiment.execute()
+    run = experiment.run
+    assert not (run.root / "encoded").exists()  # nothing encoded: no model was even loaded
+    assert experiment._encoder is None
+    assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
+    assert "query_terms" not in metrics["toytest"]  # no vectors, no vector statistics
+    assert read_trec_run(run.run_file("toytest"))

@@ -98,6 +98,11 @@ def _experiment(overrides, tmp_path):
     (["loss=kl_infonce"], "needs teacher scores but teacher=none"),  # a weighted sum needs what its parts need
     (["loss=margin_mse", "loss._target_=torch.nn.L1Loss"], "loss: torch.nn.L1Loss is not a ranking loss"),
     (["regularizer.lambda_d=-0.1"], "regularizer.lambda_d=-0.1: must be >= 0"),
+    # what a backend indexes is its type: no setting turns a vector backend into a text one
+    (["index=brute_force", "+index.needs_vectors=false"], "index: BruteForceBackend.__init__() got an unexpected "
+                                                          "keyword argument 'needs_vectors'"),
+    (["index=bm25", "+index.needs_vectors=true"], "unexpected keyword argument 'needs_vectors'"),
+    (["index=brute_force", "index._target_=collections.OrderedDict"], "index: OrderedDict is not a retrieval backend"),
     (["stages=[train,dance]"], "stages: unknown ['dance']"),
     (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
 ])
@@ -106,6 +111,15 @@ def test_bad_config_values_named_before_any_work(overrides, message, tmp_path):
         _experiment(overrides, tmp_path)
     assert message in str(err.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_backend_kind_cannot_be_overridden():
+    from hydra.errors import ConfigCompositionException
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="needs_vectors"):
+            compose(config_name="run", overrides=["index=brute_force", "index.needs_vectors=false"])
 
 
 def test_unknown_key_rejected_by_hydra():

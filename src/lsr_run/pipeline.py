@@ -21,6 +21,7 @@ from . import run_dir as rd
 from .data import Dataset, load_dataset, read_trec_run, training_examples
 from . import distributed, interrupt
 from . import provenance as prov
+from .backends import Backend, TextBackend, VectorBackend
 from .encoding import EncodeSpec, encode_corpus, encode_queries, merge_stats, read_query_vectors
 from .errors import ConfigError, LsrError, RunDirBusy
 from .evaluation import evaluate_run, remove_self_hits
@@ -113,6 +114,16 @@ def build(node, key: str):
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 
 
+def build_backend(node, key: str) -> Backend:
+    """The retrieval backend a config node describes; anything that is not a vector or a text backend is a
+    ConfigError naming ``key``."""
+    backend = build(node, key)
+    if not isinstance(backend, (VectorBackend, TextBackend)):
+        raise ConfigError(f"{key}: {type(backend).__name__} is not a retrieval backend (a VectorBackend or "
+                          f"TextBackend from lsr_run.backends)")
+    return backend
+
+
 def check_names(cfg: DictConfig, eval_sets: dict[str, "EvalDataset"]) -> None:
     """Config values that become file names in the run directory must not leave it (ConfigError)."""
     from omegaconf.errors import OmegaConfBaseException
@@ -152,7 +163,7 @@ class Experiment:
         self.stages = [s for s in STAGES if s in stages]
         self.backbone = structured(BackboneSpec, cfg.backbone, "backbone")
         self.encode_spec = structured(EncodeSpec, cfg.encode, "encode")
-        self.backend = build(cfg.index, "index")
+        self.backend = build_backend(cfg.index, "index")
         self.eval_sets = {key: structured(EvalDataset, node, f"eval.datasets.{key}")
                           for key, node in (cfg.eval.datasets or {}).items()}
         check_names(cfg, self.eval_sets)
@@ -183,6 +194,11 @@ class Experiment:
         self.train_result: dict | None = None
         self._config: dict | None = None
         self._forced: set[tuple[str, str]] = set()
+
+    @property
+    def vectors(self) -> bool:
+        """True when the backend indexes encoded vectors (the encode stage runs), False for a text backend."""
+        return isinstance(self.backend, VectorBackend)
 
     # ---------------------------------------------------------------- provenance
     @property
@@ -248,12 +264,12 @@ class Experiment:
 
     def queries_key(self, ds: Dataset) -> str:
         texts = prov.texts_digest(ds.judged_queries())
-        if not self.backend.needs_vectors:
+        if not self.vectors:
             return texts
         return prov.digest({"model": self.model_key(), "encode": self.config.get("encode"), "queries": texts})
 
     def index_key(self, ds: Dataset) -> str:
-        source = self.encode_key(ds) if self.backend.needs_vectors else prov.corpus_digest(ds)
+        source = self.encode_key(ds) if self.vectors else prov.corpus_digest(ds)
         return prov.digest({"source": source, "index": self.config.get("index")})
 
     def search_key(self, ds: Dataset) -> str:
@@ -379,7 +395,7 @@ class Experiment:
             log.warning("training plot failed: %s", e)
 
     def stage_encode(self) -> None:
-        if not self.backend.needs_vectors:
+        if not self.vectors:
             return
         for key in self.eval_sets:
             ds = self.dataset(key)
@@ -393,7 +409,7 @@ class Experiment:
                     shutil.rmtree(corpus_dir)
                 self.dist.barrier()
                 encode_corpus(self.encoder(), ds.corpus, corpus_dir, self.encode_spec, self.dist.rank, self.dist.world,
-                              min_shards=getattr(self.backend, "indexing_threads", 1))
+                              min_shards=self.backend.indexing_threads)
                 self.dist.barrier()
                 if self.dist.is_main:
                     stats = merge_stats(corpus_dir)
@@ -415,7 +431,7 @@ class Experiment:
             index_key = self.index_key(ds)
             if self.current("index", cid, index_key):
                 continue
-            if self.backend.needs_vectors:
+            if self.vectors:
                 self.backend.build(self.run.encoded_corpus(cid), index_dir)
             else:
                 self.backend.build_from_corpus(ds.corpus, index_dir)
@@ -430,7 +446,7 @@ class Experiment:
             if run_path.exists() and self.current("search", key, search_key):
                 continue
             index_dir = self.run.index(self.corpus_id(ds))
-            if self.backend.needs_vectors:
+            if self.vectors:
                 self.backend.search(index_dir, read_query_vectors(self.run.encoded_queries(key)), k, run_path)
             else:
                 self.backend.search_text(index_dir, ds.judged_queries(), k, run_path)
@@ -447,7 +463,7 @@ class Experiment:
             means, per_query = evaluate_run(ds.qrels, run, spec.metrics or metrics_cfg)
             rd.write_json(self.run.per_query(key), per_query)
             entry = dict(means)
-            if self.backend.needs_vectors:
+            if self.vectors:
                 qstats = self.run.encoded_queries(key).with_suffix(".stats.json")
                 dstats = self.run.encoded_corpus(self.corpus_id(ds)) / "stats.json"
                 entry["query_terms"] = rd.read_json(qstats)["query_terms"] if qstats.exists() else None

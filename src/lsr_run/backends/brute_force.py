@@ -16,14 +16,14 @@ from scipy import sparse
 from ..data import write_trec_run
 from ..impacts import read_vectors
 from ..run_dir import atomic_path
+from . import VectorBackend
 
 
 @dataclass
-class BruteForceBackend:
+class BruteForceBackend(VectorBackend):
     """Build = a CSR matrix of document impacts; search = one sparse matrix product per query batch."""
 
     batch_size: int = 256
-    needs_vectors: bool = True
 
     def build(self, vectors_dir: Path, index_dir: Path) -> dict:
         doc_ids, rows, cols, vals = [], [], [], []

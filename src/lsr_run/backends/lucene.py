@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import LsrError
 from ..java import run_anserini
 from ..run_dir import atomic_path
+from . import TextBackend, VectorBackend
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _sanitize(text: str) -> str:
 
 
 @dataclass
-class LuceneImpactBackend:
+class LuceneImpactBackend(VectorBackend):
     """Lucene impact index over JsonVectorCollection shards, searched with Anserini's impact searcher.
 
     ``indexer``: ``direct`` writes each term once with its impact as term frequency (``impact_index``; one
@@ -90,7 +91,6 @@ class LuceneImpactBackend:
     threads: int = 0
     heap: str = "4g"
     indexer: str = "direct"  # direct | anserini
-    needs_vectors: bool = True
 
     def __post_init__(self):
         if self.indexer not in ("direct", "anserini"):
@@ -125,14 +125,13 @@ class LuceneImpactBackend:
 
 
 @dataclass
-class LuceneBm25Backend:
+class LuceneBm25Backend(TextBackend):
     """BM25 over ``title + " " + text`` with Anserini's default English analyzer (Pyserini's BEIR "flat")."""
 
     k1: float = 0.9
     b: float = 0.4
     threads: int = 0
     heap: str = "4g"
-    needs_vectors: bool = False
 
     def build_from_corpus(self, corpus, index_dir: Path) -> dict:
         index_dir.parent.mkdir(parents=True, exist_ok=True)
