@@ -371,3 +371,50 @@ def test_expected_numbers_name_datasets_and_metrics_their_preset_evaluates(prese
         assert dataset in cfg.eval.datasets, f"{preset}: expected numbers for {dataset}, which it does not evaluate"
         evaluated = cfg.eval.datasets[dataset].get("metrics") or cfg.eval.metrics
         assert set(metrics) <= set(evaluated), f"{preset}: {dataset} is not scored on {set(metrics) - set(evaluated)}"
+
+
+# ---------------------------------------------------------------- a sweep's failure record
+
+
+def _failing_sweep(tmp_path, monkeypatch):
+    import subprocess
+
+    from lsr_run import sweep
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("base: [debug=default]\nruns:\n  broken: [train.lr=1]\n")
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, env: subprocess.CompletedProcess(cmd, 3))
+    return lambda: sweep.launch(spec, tmp_path / "out")
+
+
+def test_a_failed_sweep_run_is_recorded_where_run_dir_says_and_collected(tmp_path, monkeypatch):
+    from lsr_run.run_dir import RunDir
+
+    # RunDir is the one home of the name: moved there, the sweep writes and collect reads the new name
+    monkeypatch.setattr(RunDir, "failed", property(lambda self: self.root / "why-it-failed.json"))
+    results = _failing_sweep(tmp_path, monkeypatch)()
+    run = tmp_path / "out" / "broken"
+    assert results[0]["status"] == "failed (exit 3)"
+    assert sorted(p.name for p in run.iterdir()) == ["why-it-failed.json"]
+    assert json.loads((run / "why-it-failed.json").read_text()) == {"error": "failed (exit 3)",
+                                                                    "overrides": ["debug=default", "train.lr=1"]}
+    (record,) = load_records([tmp_path / "out"])
+    assert record.status == "failed" and "failed (exit 3)" in record.error
+
+
+def test_a_failed_sweep_run_record_is_written_atomically(tmp_path, monkeypatch):
+    import errno
+
+    launch = _failing_sweep(tmp_path, monkeypatch)
+    real_write_text = Path.write_text
+
+    def half_then_disk_full(self, text, *args, **kwargs):  # the disk fills up in the middle of the file
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(LsrError, match="no space left"):
+        launch()
+    monkeypatch.undo()
+    run = tmp_path / "out" / "broken"
+    assert list(run.iterdir()) == []  # no half-written failed.json, no temporary file left behind

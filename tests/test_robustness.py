@@ -103,6 +103,8 @@ def _experiment(overrides, tmp_path):
                                                           "keyword argument 'needs_vectors'"),
     (["index=bm25", "+index.needs_vectors=true"], "unexpected keyword argument 'needs_vectors'"),
     (["index=brute_force", "index._target_=collections.OrderedDict"], "index: OrderedDict is not a retrieval backend"),
+    (["+eval.baselines={bf: {_target_: lsr_run.backends.brute_force.BruteForceBackend}}"],
+     "eval.baselines.bf: BruteForceBackend searches encoded vectors; a baseline is evaluated without a model"),
     (["stages=[train,dance]"], "stages: unknown ['dance']"),
     (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
 ])

@@ -67,3 +67,22 @@ def test_entropy_and_bad_config():
         RandomSampler(0)
     with pytest.raises(ConfigError, match="strata"):
         StratifiedSampler(3, strata="log")
+
+
+def test_sampling_stats_are_recorded_where_the_run_directory_says(tmp_path):
+    import json
+
+    from lsr_run.run_dir import RunDir
+    from lsr_run.sampling_stats import record_sampling_stats
+    from lsr_run.train import TrainingData
+
+    teacher = {f"q{i}": {d: float(s) for d, s in zip(POOL, SCORES + i)} for i in range(3)}
+    data = TrainingData({q: q for q in teacher}, {q: ["d0"] for q in teacher}, {q: POOL[1:] for q in teacher},
+                        corpus=None, teacher=teacher)
+    run = RunDir(tmp_path / "run")
+    stats = record_sampling_stats(data, TopKSampler(3), seed=0, run=run)
+    assert json.loads(run.sampling_stats.read_text()) == stats
+    # every group is the positive d0 and the top-3 negatives d1..d3
+    assert stats["queries"] == 3 and stats["sampler"] == "TopKSampler"
+    assert stats["teacher_variance"] == pytest.approx(np.var(SCORES[:4]))
+    assert run.sampling_plot.is_file()

@@ -100,7 +100,7 @@ def _main(cfg: DictConfig) -> float | None:
             _set_status(root, state="failed", stage=interrupt.stage(), error=str(e))
         if hc.mode == RunMode.MULTIRUN:
             try:
-                rd.write_json(root / "failed.json", {"error": str(e), "type": type(e).__name__})
+                rd.write_json(rd.RunDir(root).failed, {"error": str(e), "type": type(e).__name__})
             except LsrError:
                 pass
             return None

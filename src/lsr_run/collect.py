@@ -39,7 +39,6 @@ from .errors import LsrError
 from .provenance import flatten
 from .run_dir import RunDir
 
-BASELINES_DIR = "baselines"
 # config keys that never change a run's results (and so never label it)
 UNLABELLED_KEYS = ("hydra", "force", "expected", "inspect")
 MAX_LABEL_KEYS = 4
@@ -82,9 +81,7 @@ def _read_yaml(path: Path):
 
 
 def is_run_dir(path: Path) -> bool:
-    path = Path(path)
-    return any((path / name).exists() for name in ("config.yaml", "metrics.json", "failed.json",
-                                                   ".hydra/overrides.yaml"))
+    return any(p.exists() for p in RunDir(Path(path)).identifying_files)
 
 
 def _sort_key(path: Path):
@@ -102,26 +99,25 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
             continue
         jobs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=_sort_key)
         if not jobs:
-            raise LsrError(f"{path}: neither a run directory (config.yaml, metrics.json, failed.json) "
-                           f"nor a sweep directory holding any")
+            names = ", ".join(str(p.relative_to(path)) for p in RunDir(path).identifying_files)
+            raise LsrError(f"{path}: neither a run directory ({names}) nor a sweep directory holding any")
         found.extend(jobs)
     return found
 
 
 def load_run(path: Path) -> RunRecord:
     run = RunDir(Path(path))
-    hydra_dir = run.root / ".hydra"
     overrides = None
-    if (hydra_dir / "overrides.yaml").exists():
-        overrides = [str(o) for o in (_read_yaml(hydra_dir / "overrides.yaml") or [])]
+    if run.hydra_overrides.exists():
+        overrides = [str(o) for o in (_read_yaml(run.hydra_overrides) or [])]
     choices = {}
-    if (hydra_dir / "hydra.yaml").exists():
-        hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
+    if run.hydra_config.exists():
+        hydra_cfg = (_read_yaml(run.hydra_config) or {}).get("hydra", {})
         choices = {k: v for k, v in ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
                    if not k.startswith("hydra/")}
     config = _read_yaml(run.config) if run.config.exists() else None
     record = RunRecord(path=run.root, status=STATUS_OK, overrides=overrides, choices=choices, config=config)
-    failed = run.root / "failed.json"
+    failed = run.failed
     # a run re-launched after a failure keeps the old failed.json: the newer of the two files tells
     if failed.exists() and not (run.metrics.exists() and run.metrics.stat().st_mtime > failed.stat().st_mtime):
         info = json.loads(failed.read_text())
@@ -147,7 +143,7 @@ def _read_metrics(record: RunRecord) -> None:
 
 def load_baselines(record: RunRecord) -> list[RunRecord]:
     """The baselines a run evaluated beside itself (``baselines/<name>/``), in name order."""
-    folder = record.path / BASELINES_DIR
+    folder = record.run.baselines
     if not folder.is_dir():
         return []
     out = []
@@ -391,7 +387,7 @@ def read_extras(record: RunRecord, extras: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for extra in extras:
         name, _, keys = extra.partition(":")
-        path = record.path / f"{name}.json"
+        path = record.run.extra_json(name)
         if not path.exists():
             continue
         data = json.loads(path.read_text())

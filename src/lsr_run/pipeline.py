@@ -167,6 +167,12 @@ class Experiment:
         self.eval_sets = {key: structured(EvalDataset, node, f"eval.datasets.{key}")
                           for key, node in (cfg.eval.datasets or {}).items()}
         check_names(cfg, self.eval_sets)
+        for name, node in (cfg.eval.get("baselines") or {}).items():
+            baseline = build_backend(node, f"eval.baselines.{name}")
+            if not isinstance(baseline, TextBackend):  # baselines run index, search, evaluate: nothing is encoded
+                raise ConfigError(f"eval.baselines.{name}: {type(baseline).__name__} searches encoded vectors; a "
+                                  f"baseline is evaluated without a model and must be a text backend "
+                                  f"(lsr_run.backends.lucene.LuceneBm25Backend)")
         build(cfg.head_scaling, "head_scaling")
         if "train" in self.stages:
             self.train_spec = structured(TrainSpec, cfg.train, "train")
@@ -317,7 +323,7 @@ class Experiment:
 
     def check_checkpoint(self, inputs: dict) -> None:
         """A checkpoint made from other training inputs is refused (or, with force=true, dropped)."""
-        ckpt, record = self.run.checkpoints / "last.pt", self.run.checkpoints / "inputs.json"
+        ckpt, record = self.run.checkpoint, self.run.checkpoint_inputs
         if not ckpt.exists():
             return
         old = rd.read_json(record) if record.exists() else None
@@ -343,7 +349,7 @@ class Experiment:
             return
         if self.dist.is_main:
             self.check_checkpoint(inputs)
-            rd.write_json(self.run.checkpoints / "inputs.json", {"provenance": key, "inputs": inputs})
+            rd.write_json(self.run.checkpoint_inputs, {"provenance": key, "inputs": inputs})
         self.dist.barrier()
         from .train import Trainer, TrainingData
 
@@ -355,7 +361,7 @@ class Experiment:
         scores = None
         if self.teacher.enabled:
             pairs = {q: positives[q] + pools[q] for q in positives if q in pools}
-            scores = self.teacher.score(dataset.queries, dataset.corpus, pairs, self.run.root / "teacher")
+            scores = self.teacher.score(dataset.queries, dataset.corpus, pairs, self.run.teacher)
         sampler = self.sampler
         data = TrainingData(dataset.queries, positives, pools, dataset.corpus, scores)
         if scores is not None:
@@ -366,7 +372,7 @@ class Experiment:
         from .models.inspect import head_report, probe_report
 
         init = {"head": head_report(encoder.mlm), "probe": probe_report(encoder)}
-        rd.write_json(self.run.root / "init_report.json", init)
+        rd.write_json(self.run.init_report, init)
         log.info("head at init: |W|_F %.1f, row norm mean %.3f, bias mean %s; probe queries: %.0f active terms, "
                  "%.3f positive logits; docs: %.0f active terms, L1 %.1f", init["head"]["decoder_frobenius"],
                  init["head"]["row_norm_mean"], init["head"].get("bias_mean"),
@@ -420,7 +426,7 @@ class Experiment:
             queries_key = self.queries_key(ds)
             if self.dist.is_main and not self.current("encode-queries", key, queries_key):
                 stats = encode_queries(self.encoder(), ds.judged_queries(), qpath, self.encode_spec)
-                rd.write_json(qpath.with_suffix(".stats.json"), stats)
+                rd.write_json(self.run.encoded_queries_stats(key), stats)
                 rd.mark_done(self.run, "encode-queries", key, {"provenance": queries_key})
 
     def stage_index(self) -> None:
@@ -464,8 +470,8 @@ class Experiment:
             rd.write_json(self.run.per_query(key), per_query)
             entry = dict(means)
             if self.vectors:
-                qstats = self.run.encoded_queries(key).with_suffix(".stats.json")
-                dstats = self.run.encoded_corpus(self.corpus_id(ds)) / "stats.json"
+                qstats = self.run.encoded_queries_stats(key)
+                dstats = self.run.encoded_corpus_stats(self.corpus_id(ds))
                 entry["query_terms"] = rd.read_json(qstats)["query_terms"] if qstats.exists() else None
                 entry["doc_terms"] = rd.read_json(dstats)["doc_terms"] if dstats.exists() else None
             entry["queries"] = len(per_query)
@@ -505,7 +511,7 @@ class Experiment:
             log.info("stage %s", stage)
             result = getattr(self, f"stage_{stage}")()
             self.timer.add(stage, time.time() - start)
-            rd.write_json(self.run.root / "timings.json", self.timer.seconds)
+            rd.write_json(self.run.timings, self.timer.seconds)
         return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
 
 
@@ -569,7 +575,7 @@ def lock_run_dir(root: Path) -> None:
     """One process per run directory: an advisory lock held until the process ends (or ``unlock_run_dir``)."""
     import fcntl
 
-    path = Path(root) / ".lock"
+    path = RunDir(Path(root)).lock
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -631,7 +637,7 @@ def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx, experiment: Experiment) -
         bcfg.index = index_cfg
         bcfg.stages = ["index", "search", "evaluate"]
         log.info("baseline %s", name)
-        baselines[name] = Experiment(bcfg, run_dir.root / "baselines" / name).execute()
+        baselines[name] = Experiment(bcfg, run_dir.baseline(name).root).execute()
     if metrics and "evaluate" in experiment.stages:
         if run_dir.model.is_dir() and not cfg.model.path:
             from .models.persist import write_model_card
@@ -640,7 +646,7 @@ def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx, experiment: Experiment) -
                              rd.read_json(run_dir.train_state) if run_dir.train_state.exists() else None,
                              metrics, rd.read_json(run_dir.meta))
         table = print_table(metrics, baselines)
-        rd.write_text(run_dir.root / "table.md", table + "\n")
+        rd.write_text(run_dir.table, table + "\n")
     interrupt.check()
     rd.write_json(run_dir.status, {"state": "done", **experiment.training_outcome()})
     return metrics

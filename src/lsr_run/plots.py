@@ -50,8 +50,8 @@ def plot_training(run: RunDir) -> Path | None:
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    run.plots.mkdir(parents=True, exist_ok=True)
-    out = run.plots / "training.png"
+    out = run.training_plot
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -26,7 +26,11 @@ PACKAGES = ("lsr-run", "torch", "transformers", "hydra-core", "omegaconf", "ranx
 
 @dataclass(frozen=True)
 class RunDir:
-    """Layout of one run: ``root/{config.yaml, meta.json, metrics.json, model/, index/, runs/, ...}``."""
+    """Layout of one run: ``root/{config.yaml, meta.json, metrics.json, model/, index/, runs/, ...}``.
+
+    Every name inside a run directory is defined here and nowhere else; stages, the CLI, sweeps and collection
+    reach a run's files only through these accessors.
+    """
 
     root: Path
 
@@ -48,12 +52,71 @@ class RunDir:
         return self.root / "status.json"
 
     @property
+    def failed(self) -> Path:
+        """``{"error", "type" | "overrides"}``: why a run of a sweep or multirun failed (read by collect)."""
+        return self.root / "failed.json"
+
+    @property
+    def timings(self) -> Path:
+        """Seconds per stage of the last attempt."""
+        return self.root / "timings.json"
+
+    @property
+    def table(self) -> Path:
+        """The run's metrics beside its baselines, as a markdown table."""
+        return self.root / "table.md"
+
+    @property
+    def lock(self) -> Path:
+        """Advisory lock file (holder's pid) of the process working in this run directory."""
+        return self.root / ".lock"
+
+    @property
+    def hydra_overrides(self) -> Path:
+        """Hydra's record of the command-line overrides (``hydra.output_subdir`` = ``.hydra``)."""
+        return self.root / ".hydra" / "overrides.yaml"
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.root / ".hydra" / "hydra.yaml"
+
+    @property
+    def identifying_files(self) -> tuple[Path, ...]:
+        """Any of these existing makes a folder a run directory (for collection)."""
+        return self.config, self.metrics, self.failed, self.hydra_overrides
+
+    @property
     def model(self) -> Path:
         return self.root / "model"
 
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The last training checkpoint (model, optimizer, scheduler, step, RNG)."""
+        return self.checkpoints / "last.pt"
+
+    @property
+    def checkpoint_inputs(self) -> Path:
+        """``{"provenance", "inputs"}`` the checkpoint was made from."""
+        return self.checkpoints / "inputs.json"
+
+    @property
+    def init_report(self) -> Path:
+        """Head statistics and probe encodings of the freshly built model, before training."""
+        return self.root / "init_report.json"
+
+    @property
+    def sampling_stats(self) -> Path:
+        """Teacher-score statistics of the sampled negatives (with a teacher)."""
+        return self.root / "sampling_stats.json"
+
+    @property
+    def teacher(self) -> Path:
+        """The run's own teacher-score cache (when ``paths.cache_dir`` is unset)."""
+        return self.root / "teacher"
 
     @property
     def train_log(self) -> Path:
@@ -79,11 +142,38 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def training_plot(self) -> Path:
+        return self.plots / "training.png"
+
+    @property
+    def sampling_plot(self) -> Path:
+        return self.plots / "sampled_teacher_scores.png"
+
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
+    def baseline(self, name: str) -> "RunDir":
+        """The run directory of baseline ``name`` (``eval.baselines``), inside this one."""
+        return RunDir(self.baselines / name)
+
+    def extra_json(self, name: str) -> Path:
+        """``<name>.json`` at the root (collect's ``--extra NAME``: sampling_stats, init_report, ...)."""
+        return self.root / f"{check_name(name, 'extra')}.json"
+
     def encoded_corpus(self, corpus: str) -> Path:
         return self.root / "encoded" / corpus / "corpus"
 
+    def encoded_corpus_stats(self, corpus: str) -> Path:
+        """Merged encoding statistics of a corpus (docs, terms per document, speed)."""
+        return self.encoded_corpus(corpus) / "stats.json"
+
     def encoded_queries(self, dataset: str) -> Path:
         return self.root / "encoded" / dataset / "queries.jsonl"
+
+    def encoded_queries_stats(self, dataset: str) -> Path:
+        return self.encoded_queries(dataset).with_suffix(".stats.json")
 
     def index(self, corpus: str) -> Path:
         return self.root / "index" / corpus

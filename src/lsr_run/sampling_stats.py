@@ -34,7 +34,7 @@ def record_sampling_stats(data, sampler, seed: int, run: RunDir) -> dict:
     stats = sampled_score_stats(data, sampler, seed)
     scores = stats.pop("negative_scores")
     stats["sampler"] = type(sampler).__name__
-    write_json(run.root / "sampling_stats.json", stats)
+    write_json(run.sampling_stats, stats)
     try:
         import matplotlib
 
@@ -47,8 +47,8 @@ def record_sampling_stats(data, sampler, seed: int, run: RunDir) -> dict:
         ax.set_ylabel("count")
         ax.set_title(f"{stats['sampler']}: var {stats['teacher_variance']:.4f}, H {stats['teacher_entropy']:.3f}")
         fig.tight_layout()
-        run.plots.mkdir(parents=True, exist_ok=True)
-        fig.savefig(run.plots / "sampled_teacher_scores.png", dpi=120)
+        run.sampling_plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(run.sampling_plot, dpi=120)
         plt.close(fig)
     except Exception as e:  # the numbers above are what matter; a plot failure must not stop training
         log.warning("sampling histogram failed: %s", e)

@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import ConfigError
+from .run_dir import RunDir, write_json
 
 
 @dataclass
@@ -62,7 +63,7 @@ def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run:
         if dry_run:
             results.append({"name": run.name, "overrides": run.overrides})
             continue
-        status = run_dir / "status.json"
+        status = RunDir(run_dir).status
         if status.exists() and json.loads(status.read_text()).get("state") == "done":
             print(f"[sweep] {run.name}: finished already", flush=True)
             results.append({"name": run.name, "status": "done"})
@@ -70,9 +71,9 @@ def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run:
         start = time.time()
         proc = subprocess.run(cmd, env=dict(os.environ))
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        if proc.returncode != 0 and not (run_dir / "failed.json").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "failed.json").write_text(json.dumps({"error": status, "overrides": run.overrides}) + "\n")
+        failed = RunDir(run_dir).failed
+        if proc.returncode != 0 and not failed.exists():
+            write_json(failed, {"error": status, "overrides": run.overrides})  # atomic, like every run file
         results.append({"name": run.name, "status": status, "seconds": time.time() - start})
         print(f"[sweep] {run.name}: {status} in {time.time() - start:.0f}s", flush=True)
     return results

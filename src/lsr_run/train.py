@@ -259,7 +259,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     @property
     def ckpt_path(self) -> Path:
-        return self.run.checkpoints / "last.pt"
+        return self.run.checkpoint
 
     def save_checkpoint(self) -> None:
         from . import interrupt
