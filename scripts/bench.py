@@ -206,6 +206,7 @@ class Context:
         import torch
 
         self.quick = args.quick
+        self.data_docs = args.data_docs
         self.device = torch.device(args.device)
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -917,7 +918,7 @@ def data_worker(argv: list[str]) -> None:
 def bench_data(ctx: Context) -> dict:
     """Corpus loading: today's Arrow tables (converted once, memory-mapped) against the dict loader they replaced,
     each in a fresh process; then two processes mapping one conversion at once (two DDP ranks)."""
-    n = size("data_docs", ctx.quick)
+    n = ctx.data_docs or size("data_docs", ctx.quick)
     root = ctx.work / "data"
     root.mkdir(parents=True, exist_ok=True)
     corpus = root / f"synthetic-{n}" / "corpus.jsonl"
@@ -1120,6 +1121,9 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON with every figure (default: %(default)s)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of %(default)s")
     p.add_argument("--work", default=None, help="scratch folder (default: <out dir>/work)")
+    p.add_argument("--data-docs", type=int, default=None,
+                   help="documents in the data section's synthetic corpus (default 1M, 50k with --quick; 8800000 is "
+                        "MS MARCO passage's size: about 7 GB of JSONL and as much again for the conversion)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections already in --out (re-run one section after a fix)")
     args = p.parse_args()

@@ -17,6 +17,7 @@ lock and published by renaming a finished folder, so concurrent processes never 
 
 from __future__ import annotations
 
+import array
 import bisect
 import fcntl
 import json
@@ -203,7 +204,7 @@ def write_text_table(folder: Path, rows: Iterator[tuple[int | None, str, str, st
     """Rows ``(line, id, title, text)`` -> ``data.arrow`` + id index; duplicate ids are an error naming both
     lines. Returns the counts for ``meta.json``."""
     writer = _TableWriter(folder, TEXT_SCHEMA)
-    hashes, lines = [], []
+    hashes, lines = [], array.array("q")  # compact: 8 bytes a row, not a Python int
     empty = 0
     pending_ids: list[str] = []
     try:
@@ -219,7 +220,7 @@ def write_text_table(folder: Path, rows: Iterator[tuple[int | None, str, str, st
     finally:
         writer.close()
     hashes.append(hash_ids(pending_ids))
-    _write_index(folder, np.concatenate(hashes), np.asarray(lines, dtype=np.int64), where, what)
+    _write_index(folder, np.concatenate(hashes), np.frombuffer(lines, dtype=np.int64), where, what)
     return {"rows": writer.rows, "empty": empty}
 
 
