@@ -44,9 +44,10 @@ def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (killed / "metrics.json").exists()
-    for done in killed.rglob("*.json"):  # written atomically: whatever exists under its final name is whole
-        if ".tmp-" not in done.name:
-            json.loads(done.read_text())
+    # written atomically: whatever exists under its final name is whole (a temporary file of the killed write is
+    # named .<name>.tmp-<pid> and never matches *.json); stage markers under .done/ included
+    whole = {p.relative_to(killed).as_posix(): json.loads(p.read_text()) for p in killed.rglob("*.json")}
+    assert {"meta.json", "status.json", "checkpoints/inputs.json", "head_scaling.json"} <= set(whole)
     state = torch.load(ckpt, weights_only=False)
     assert 0 < state["step"] < 8
 
