@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -235,3 +236,27 @@ def test_encoding_streams_the_corpus_in_chunks(tmp_path, monkeypatch):
     # two ranks each read their own contiguous share
     parts = [enc.encode_corpus(encoder, ds.corpus, tmp_path / "ranks", spec, rank=r, world=2) for r in range(2)]
     assert [p["docs"] for p in parts] == [9, 8] and shards(tmp_path / "ranks") == shards(tmp_path / "whole")
+
+
+def test_candidates_from_run_and_score_files_are_read_per_query(tmp_path):
+    """Pools from the mapped tables equal pools from the whole-file readers, for the training queries only."""
+    from lsr_run.candidates import RunFileCandidates, TeacherFileCandidates, _finish, _rank
+    from lsr_run.data import Corpus, read_trec_run, write_trec_run
+    from lsr_run.teachers import read_scores
+
+    rng = np.random.default_rng(1)
+    corpus = Corpus.from_dicts({}, {f"d{i}": f"text {i}" for i in range(300)})
+    run = {f"q{q}": sorted(((f"d{d}", float(rng.normal())) for d in rng.choice(320, 40, replace=False)),
+                           key=lambda x: -x[1]) for q in range(30)}
+    run_path = tmp_path / "run.trec"
+    write_trec_run(run_path, run)
+    positives = {f"q{q}": [run[f"q{q}"][3][0]] for q in range(0, 30, 2)}  # half the queries train
+    dataset = SimpleNamespace(corpus=corpus)
+    got = RunFileCandidates(path=str(run_path), depth=10).pools(dataset, positives, tmp_path)
+    assert got == _finish(_rank(read_trec_run(run_path), 10), positives, corpus, "x")
+    assert set(got) == set(positives) and all(positives[q][0] not in got[q] and all(d in corpus for d in got[q])
+                                              for q in got)
+    scores = tmp_path / "scores.tsv"
+    _write_scores(scores, [(q, d, s) for q, hits in run.items() for d, s in hits])
+    from_scores = TeacherFileCandidates(path=str(scores), depth=10).pools(dataset, positives, tmp_path)
+    assert from_scores == _finish(_rank(read_scores(scores), 10), positives, corpus, "x")

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Dataset, known, read_trec_run
+from .data import Dataset, known, read_trec_run, run_table
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,11 @@ Pools = dict[str, list[str]]
 
 def _rank(run: dict[str, dict[str, float]], depth: int) -> Pools:
     return {q: sorted(docs, key=lambda d: (-docs[d], d))[:depth] for q, docs in run.items()}
+
+
+def _rank_table(table, queries, depth: int) -> Pools:
+    """``_rank`` of the training queries only, each read from a memory-mapped table (``ScoreTable``)."""
+    return _rank({q: table.scores(q) for q in queries}, depth)
 
 
 def _finish(pools: Pools, positives: dict[str, list[str]], corpus, source: str) -> Pools:
@@ -72,7 +77,7 @@ class RunFileCandidates:
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
         if not self.path or not Path(self.path).exists():
             raise ConfigError(f"candidates.path={self.path!r}: TREC run file not found")
-        return _finish(_rank(read_trec_run(Path(self.path)), self.depth), positives,
+        return _finish(_rank_table(run_table(Path(self.path)), positives, self.depth), positives,
                        dataset.corpus, self.path)
 
 
@@ -86,11 +91,11 @@ class TeacherFileCandidates:
     systems: list | None = None
 
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
-        from .teachers import read_hard_negatives, read_scores
+        from .teachers import read_hard_negatives, score_table
 
         if "hard-negatives" in str(self.path) or self.format == "hard_negatives":
             _, pools = read_hard_negatives(Path(self.path), self.systems)
             pools = {q: p[: self.depth] for q, p in pools.items()}
         else:
-            pools = _rank(read_scores(Path(self.path), self.format), self.depth)
+            pools = _rank_table(score_table(Path(self.path), self.format), positives, self.depth)
         return _finish(pools, positives, dataset.corpus, self.path)

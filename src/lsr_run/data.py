@@ -412,9 +412,9 @@ def write_trec_run(path: Path, run: dict[str, list[tuple[str, float]]], tag: str
                 f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
 
 
-def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
-    """``qid Q0 docid rank score tag`` lines; exactly 6 columns (7 means an id or tag with whitespace)."""
-    run: dict[str, dict[str, float]] = {}
+def trec_run_rows(path: Path) -> Iterator[tuple[str, str, float]]:
+    """``(qid, docid, score)`` of ``qid Q0 docid rank score tag`` lines; exactly 6 columns (7 means an id or tag
+    with whitespace)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = split_columns(line)
@@ -427,5 +427,22 @@ def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
             check_id(parts[2], path, lineno, "document")
             if not _is_number(parts[4]):
                 raise DataError(f"{path}:{lineno}: score '{parts[4]}' is not a number")
-            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+            yield parts[0], parts[2], float(parts[4])
+
+
+def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
+    """A whole TREC run file as ``{qid: {docid: score}}`` (``run_table`` reads a large one query by query)."""
+    run: dict[str, dict[str, float]] = {}
+    for qid, doc_id, score in trec_run_rows(path):
+        run.setdefault(qid, {})[doc_id] = score
     return run
+
+
+def run_table(path: Path, cache_dir: str | None = None):
+    """A TREC run file converted once to a memory-mapped table grouped by query (``lsr_run.store.ScoreTable``):
+    ``scores(qid)`` reads one query's ranked documents, so a run over MS MARCO's training queries is never held
+    whole."""
+    from .store import ScoreTable, write_score_table
+
+    path = Path(path)
+    return ScoreTable(convert_file(path, "run", lambda tmp: write_score_table(tmp, trec_run_rows(path)), cache_dir))
