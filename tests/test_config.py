@@ -68,3 +68,13 @@ def test_unknown_group_option_lists_valid_ones():
     with pytest.raises(MissingConfigException) as err:
         _compose(["sampling=hardest"])
     assert "stratified" in str(err.value) and "topk" in str(err.value)
+
+
+def test_lengths_and_precision_have_one_home_in_encode():
+    """train.* lengths and bf16 follow encode.* unless a recipe sets its own (the demo's 192-token documents)."""
+    cfg = _compose(["encode.doc_max_length=128", "encode.query_max_length=32", "encode.bf16=false"])
+    spec = structured(TrainSpec, cfg.train, "train")
+    assert (spec.doc_max_length, spec.query_max_length, str(spec.bf16).lower()) == (128, 32, "false")
+    demo = _compose(["experiment=demo", "encode.doc_max_length=128"])
+    assert structured(TrainSpec, demo.train, "train").doc_max_length == 192  # the recipe's own value stays
+    assert structured(TrainSpec, demo.train, "train").query_max_length == demo.encode.query_max_length

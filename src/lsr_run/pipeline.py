@@ -40,6 +40,8 @@ def structured(cls, node, key: str):
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        if OmegaConf.is_config(node):  # resolved in place: interpolations such as ${encode.bf16} need the root
+            node = OmegaConf.to_container(node, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(cls), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
