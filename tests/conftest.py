@@ -107,6 +107,15 @@ def cli(args, env_extra=None, wait=True):
     return proc
 
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (the kernel's choice), for a test's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     from lsr_run.plots import read_train_log
 

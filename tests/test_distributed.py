@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli, losses, toy_overrides
+from conftest import ROOT, cli, free_port, losses, toy_overrides
 
 
 def test_two_process_gloo_matches_one_process(toy, tmp_path):
@@ -20,7 +20,8 @@ def test_two_process_gloo_matches_one_process(toy, tmp_path):
     proc = cli(overrides + [f"hydra.run.dir={single}"], {"LSR_DATA_DIR": str(toy["data"])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     double = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}",  # not a fixed one: another job may hold it
                            "-m", "lsr_run.cli", *overrides, f"hydra.run.dir={double}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
