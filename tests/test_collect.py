@@ -387,6 +387,7 @@ def _failing_sweep(tmp_path, monkeypatch):
     return lambda: sweep.launch(spec, tmp_path / "out")
 
 
+@pytest.mark.process
 def test_a_failed_sweep_run_is_recorded_where_run_dir_says_and_collected(tmp_path, monkeypatch):
     from lsr_run.run_dir import RunDir
 
@@ -402,6 +403,7 @@ def test_a_failed_sweep_run_is_recorded_where_run_dir_says_and_collected(tmp_pat
     assert record.status == "failed" and "failed (exit 3)" in record.error
 
 
+@pytest.mark.process
 def test_a_failed_sweep_run_record_is_written_atomically(tmp_path, monkeypatch):
     import errno
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, cli, free_port, losses, toy_overrides
 
 
+@pytest.mark.process
 def test_two_process_gloo_matches_one_process(toy, tmp_path):
     env = dict(os.environ, LSR_DATA_DIR=str(toy["data"]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")

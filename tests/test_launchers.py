@@ -32,6 +32,7 @@ def test_local_parallel_launcher_composes_joblib():
     assert cfg.hydra.launcher.n_jobs == 3
 
 
+@pytest.mark.process
 def test_joblib_sweep_runs_points_in_parallel_processes(toy, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(["-m", "hydra/launcher=local_parallel", *toy_overrides(toy, steps=2), "seed=1,2",
@@ -44,6 +45,7 @@ def test_joblib_sweep_runs_points_in_parallel_processes(toy, tmp_path):
     assert len(pids) == 2 and None not in pids  # two worker processes, not one after the other in this one
 
 
+@pytest.mark.process
 def test_submitit_two_tasks_form_one_ddp_world(toy, tmp_path):
     """The code path of a SLURM job with 2 tasks, on submitit's local executor: same losses as one process."""
     env = {"LSR_DATA_DIR": str(toy["data"]), "OMP_NUM_THREADS": "1"}

@@ -31,6 +31,7 @@ def wheel_target(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.process
 def test_wheel_runs_from_another_folder(wheel_target, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -52,6 +53,7 @@ def test_wheel_runs_from_another_folder(wheel_target, tmp_path):
     assert (elsewhere / "run" / "config.yaml").read_text().count(str(elsewhere)) >= 1  # paths recorded absolute
 
 
+@pytest.mark.process
 def test_paths_default_and_override(tmp_path):
     """Without LSR_DATA_DIR the data folder is ../shared/data from where lsr-run starts; keys override it."""
     job = subprocess.run([sys.executable, "-m", "lsr_run.cli", "--cfg", "job", "--resolve"], cwd=ROOT, env=_env(),
@@ -66,6 +68,7 @@ def test_paths_default_and_override(tmp_path):
     assert f"data_dir: {tmp_path}" in job.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_export_without_network_says_so_in_one_line(tmp_path, offline):
     from conftest import make_tiny_encoder

@@ -34,6 +34,7 @@ def _run_file(run_dir: Path, key: str = "toytest") -> str:
 EVAL_ONLY = "stages=[encode,index,search,evaluate]"
 
 
+@pytest.mark.process
 def test_force_recomputes_every_stage_under_the_new_config(toy, tmp_path):
     run = tmp_path / "run"
     _ok(_run(toy, run, steps=2))
@@ -47,6 +48,7 @@ def test_force_recomputes_every_stage_under_the_new_config(toy, tmp_path):
     assert json.loads((run / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
 
 
+@pytest.mark.process
 def test_evaluate_only_follows_the_model_it_is_given(toy, tmp_path):
     a, b, e = tmp_path / "a", tmp_path / "b", tmp_path / "eval"
     _ok(_run(toy, a, "seed=1"))
@@ -62,6 +64,7 @@ def test_evaluate_only_follows_the_model_it_is_given(toy, tmp_path):
     assert bad.returncode == 2 and "model.safetensors" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.process
 def test_training_after_an_untrained_encode_encodes_again(toy, tmp_path):
     run, reference = tmp_path / "run", tmp_path / "reference"
     _ok(_run(toy, run, EVAL_ONLY))  # the untrained backbone's vectors
@@ -79,6 +82,7 @@ def _corpus(folder: Path, seed: int) -> Path:
     return write_beir(folder, docs, queries, qrels)
 
 
+@pytest.mark.process
 def test_two_corpora_with_one_folder_name_get_their_own_index(toy, tmp_path):
     first, second = _corpus(tmp_path / "x" / "adi", 1), _corpus(tmp_path / "y" / "adi", 2)
     both, alone = tmp_path / "both", tmp_path / "alone"
@@ -90,6 +94,7 @@ def test_two_corpora_with_one_folder_name_get_their_own_index(toy, tmp_path):
     assert len(list((both / "encoded").glob("adi-*/corpus"))) == 2  # one per content, not per folder name
 
 
+@pytest.mark.process
 def test_resume_under_a_changed_training_config_is_refused(toy, tmp_path):
     run = tmp_path / "run"
     _ok(_run(toy, run, steps=4))
@@ -122,6 +127,7 @@ def test_teacher_cache_follows_the_file_content(tmp_path):
     assert teacher.inputs_digest(queries, changed, pairs) != teacher.inputs_digest(queries, corpus, pairs)
 
 
+@pytest.mark.process
 def test_one_process_per_run_directory(toy, tmp_path):
     run = tmp_path / "run"
     long = ["train.collapse.check_every=1000"]  # the toy model's vectors go dense: no collapse stop here

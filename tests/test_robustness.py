@@ -25,6 +25,7 @@ from lsr_run.losses import RankingLoss
 
 from conftest import CONF_DIR, WORDS, cli, losses, toy_overrides
 
+@pytest.mark.process
 def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
     straight = tmp_path / "straight"
@@ -63,6 +64,7 @@ def test_kill_during_training_then_resume_matches_uninterrupted(toy, tmp_path):
     assert json.loads((killed / "train_state.json").read_text())["resumed"] is True
 
 
+@pytest.mark.process
 def test_finished_run_is_never_overwritten_silently(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
     run_dir = tmp_path / "run"
@@ -134,6 +136,7 @@ def test_unknown_key_rejected_by_hydra():
             compose(config_name="run", overrides=["train.lrr=1"])
 
 
+@pytest.mark.process
 def test_external_failures_give_one_clear_message(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
     jvm = cli(["experiment=bm25", "eval=none", "+eval.datasets.toytest={name: toytest}", f"hydra.run.dir={tmp_path / 'j'}"],
@@ -224,6 +227,7 @@ def test_collapse_fires_on_synthetic_collapse_not_on_healthy_run(tmp_path):
     assert (tmp_path / "d" / "run" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.process
 def test_collapsed_run_records_step_in_status_and_keeps_checkpoint(toy, tmp_path):
     run_dir = tmp_path / "collapsing"
     proc = cli(toy_overrides(toy, steps=6) + ["train.collapse.check_every=1", "train.collapse.patience=2",

@@ -297,6 +297,7 @@ def test_names_that_would_leave_the_run_directory_are_config_errors(tmp_path, ov
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_cli_dataset_key_outside_the_run_directory_writes_nothing(toy, tmp_path):
     run_dir = tmp_path / "a" / "b" / "run"
     proc = cli(["stages=[encode,index,search,evaluate]", "backbone=tiny_bert", "index=brute_force", "eval=none",
@@ -338,6 +339,7 @@ def _leftovers(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".part" in p.name]
 
 
+@pytest.mark.process
 def test_sigterm_during_training_stops_records_and_resumes(toy, tmp_path):
     env = {"LSR_DATA_DIR": str(toy["data"])}
     run_dir = tmp_path / "run"
@@ -410,6 +412,7 @@ main()
 """
 
 
+@pytest.mark.process
 def test_sigterm_during_encoding_leaves_no_tmp_shard(toy, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, LSR_DATA_DIR=str(toy["data"]), HF_HUB_OFFLINE="1")
@@ -504,6 +507,7 @@ main()
 """
 
 
+@pytest.mark.process
 def test_cli_full_disk_and_unusable_run_folder_are_one_line(toy, tmp_path):
     env = dict(os.environ, LSR_DATA_DIR=str(toy["data"]), HF_HUB_OFFLINE="1")
     run_dir = tmp_path / "run"

@@ -119,6 +119,7 @@ def test_duplicate_ids_name_both_lines_even_under_collisions(tmp_path, monkeypat
     assert not [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.endswith(".lock")]  # nothing left
 
 
+@pytest.mark.process
 def test_two_processes_share_one_conversion(tmp_path):
     docs = {f"d{i}": ("t", f"text {i} " * 50) for i in range(20000)}
     folder = write_beir(tmp_path / "big", docs, {"q": "text"}, {"q": {"d1": 1}})
