@@ -219,7 +219,7 @@ def test_encoding_streams_the_corpus_in_chunks(tmp_path, monkeypatch):
     import lsr_run.encoding as enc
     from conftest import make_tiny_encoder
 
-    docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene"] * (i % 5 + 1))) for i in range(17)}
+    docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene"] * (i % 5 + 1))) for i in range(9)}
     ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test",
                      str(tmp_path / "cache"))
     encoder = make_tiny_encoder("bert").eval()
@@ -232,11 +232,11 @@ def test_encoding_streams_the_corpus_in_chunks(tmp_path, monkeypatch):
     whole = enc.encode_corpus(encoder, ds.corpus, tmp_path / "whole", spec, min_shards=2)
     monkeypatch.setattr(enc, "ENCODE_CHUNK", 4)
     chunked = enc.encode_corpus(encoder, ds.corpus, tmp_path / "chunked", spec, min_shards=2)
-    assert shards(tmp_path / "whole") == shards(tmp_path / "chunked") and len(shards(tmp_path / "whole")) == 17
-    assert whole["docs"] == chunked["docs"] == 17
+    assert shards(tmp_path / "whole") == shards(tmp_path / "chunked") and len(shards(tmp_path / "whole")) == 9
+    assert whole["docs"] == chunked["docs"] == 9
     # two ranks each read their own contiguous share
     parts = [enc.encode_corpus(encoder, ds.corpus, tmp_path / "ranks", spec, rank=r, world=2) for r in range(2)]
-    assert [p["docs"] for p in parts] == [9, 8] and shards(tmp_path / "ranks") == shards(tmp_path / "whole")
+    assert [p["docs"] for p in parts] == [5, 4] and shards(tmp_path / "ranks") == shards(tmp_path / "whole")
 
 
 def test_candidates_from_run_and_score_files_are_read_per_query(tmp_path):
