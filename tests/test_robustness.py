@@ -177,6 +177,9 @@ def _trainer(tmp_path, loss, regularizer=None, **spec_overrides):
         def text(self, d):
             return f"document {d} about " + " ".join(WORDS[int(d[1:]) % len(WORDS):][:6])
 
+        def many(self, ids):
+            return [self.text(d) for d in ids]
+
     docs = [f"d{i}" for i in range(20)]
     data = TrainingData({f"q{i}": f"query {WORDS[i]}" for i in range(8)}, {f"q{i}": [f"d{i}"] for i in range(8)},
                         {f"q{i}": [d for d in docs if d != f"d{i}"] for i in range(8)}, Corpus())

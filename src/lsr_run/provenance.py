@@ -14,6 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+# A file modified this close to a reading may change again within one clock tick without its mtime moving (git's
+# "racily clean" case): its content is read again rather than trusted by identity.
+RACY_NS = 2_000_000_000
+
 # the config sections that determine a trained model
 TRAIN_SECTIONS = ("backbone", "head_scaling", "candidates", "teacher", "sampling", "loss", "regularizer", "train",
                   "seed")
@@ -43,7 +47,7 @@ def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    if st.st_mtime_ns < time.time_ns() - 2_000_000_000:
+    if st.st_mtime_ns < time.time_ns() - RACY_NS:
         _FILE_DIGESTS[memo] = h.hexdigest()[:20]
     return h.hexdigest()[:20]
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import xxhash
 
 from .errors import DataError
+from .provenance import RACY_NS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ def hash_ids(ids: Iterable[str]) -> np.ndarray:
     return np.fromiter((xxhash.xxh3_64_intdigest(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
 
 
-RACY_NS = 2_000_000_000  # a file modified this close to its conversion may have changed within one clock tick
 
 
 def file_identity(path: Path) -> dict:
@@ -329,9 +329,14 @@ class IdIndex:
         return rows
 
 
+def joined(title: str | None, text: str) -> str:
+    """A row's text: ``title + " " + text`` (BEIR's and Pyserini's flat ``contents``), the text alone without a title."""
+    return f"{title} {text}".strip() if title else text
+
+
 class TextTable(Mapping):
-    """Id -> text over an Arrow table with columns ``id``, ``title``, ``text``; ``table[id]`` is
-    ``title + " " + text`` (BEIR's and Pyserini's flat ``contents``), or the text alone when there is no title.
+    """Id -> text over an Arrow table with columns ``id``, ``title``, ``text``; ``table[id]`` is ``joined(title,
+    text)``.
 
     It is a read-only mapping, so code written for ``dict[str, str]`` works on it; ``many(ids)`` and
     ``batches()`` read many rows at once, which is what encoding and training do."""
@@ -385,13 +390,12 @@ class TextTable(Mapping):
         row = self.index.row(key) if isinstance(key, str) else -1
         if row < 0:
             raise KeyError(key)
-        title, text = self._titles.get(row), self._texts.get(row)
-        return f"{title} {text}".strip() if title else text
+        return joined(self._titles.get(row), self._texts.get(row))
 
     # batched access
     def rows(self, rows: np.ndarray) -> list[str]:
         """Texts of the given row numbers, in that order."""
-        return [f"{t} {x}".strip() if t else x for t, x in zip(self._titles.take(rows), self._texts.take(rows))]
+        return list(map(joined, self._titles.take(rows), self._texts.take(rows)))
 
     def many(self, keys: list[str]) -> list[str]:
         """Texts of ``keys`` (a KeyError names the first absent id)."""
@@ -413,9 +417,8 @@ class TextTable(Mapping):
         stop = len(self) if stop is None else min(stop, len(self))
         for lo in range(start, stop, size):
             part = self.table.slice(lo, min(size, stop - lo))
-            texts = [f"{t} {x}".strip() if t else x
-                     for t, x in zip(part.column("title").to_pylist(), part.column("text").to_pylist())]
-            yield part.column("id").to_pylist(), texts
+            yield part.column("id").to_pylist(), list(map(joined, part.column("title").to_pylist(),
+                                                         part.column("text").to_pylist()))
 
     def text(self, key: str) -> str:
         return self[key]

@@ -321,7 +321,7 @@ class Trainer:
         q_texts = [self.data.queries[q] for q in qids[mine]]
         d_ids = [d for docs, _ in groups[mine] for d in docs]
         corpus = self.data.corpus  # a TextTable reads a batch of rows at once
-        d_texts = corpus.many(d_ids) if hasattr(corpus, "many") else [corpus.text(d) for d in d_ids]
+        d_texts = corpus.many(d_ids)
         ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
             q, d, _, _ = score_batch(self.encoder, q_texts, d_texts, spec, self.model)
