@@ -34,6 +34,10 @@ data     corpus loading (a synthetic 1M-document BEIR corpus, or 50k with --quic
 
 Ratios are lsr-run / reference: above 1 is better for throughputs, below 1 for times and memory.
 
+encode and train also measure the machine's matmul rate in the same run (the best of the model's GEMM shapes at the
+sections' precision) and count each side's FLOPs from the token counts: the fraction of that rate each side reaches,
+and the ratio lsr-run would reach if its own work ran at that rate (the ceiling on this hardware).
+
     python scripts/bench.py [--quick] [--device cpu|cuda] [--out outputs/bench/bench.json]
 """
 
@@ -251,6 +255,42 @@ def scifact(split: str = "test"):
     return load_dataset("scifact", split)
 
 
+# ==================================================================================== compute bound
+def matmul_rate(device, bf16: bool) -> dict:
+    """The machine's measured matmul rate (GFLOP/s) at the precision the sections run at: the best of the model's
+    own GEMM shapes (feed-forward, attention projection, vocabulary projection), each timed after a warm-up."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    big = device.type == "cuda"
+    shapes = [(4096, 384, 1536), (4096, 1536, 384), (4096, 384, 30522)] + ([(8192, 8192, 8192)] if big else [])
+    rates = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        torch.mm(a, b)
+        sync(device)
+        repeats = 20 if big else 3
+        with Stopwatch() as watch:
+            for _ in range(repeats):
+                torch.mm(a, b)
+            sync(device)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n * repeats / watch.seconds / 1e9
+    return {"dtype": str(dtype).replace("torch.", ""), "gflops_by_shape": rates, "gflops": max(rates.values())}
+
+
+def forward_gflop(config, tokens: list[int]) -> dict:
+    """Forward GFLOP of a BERT-style encoder over texts of ``tokens`` real tokens each, split into the transformer
+    (2 x weights per token, plus attention's L x L products) and the vocabulary projection (2 x H x V per token,
+    plus the head transform's H x H where it is dense)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    vocab = config.vocab_size
+    per_token = 2 * layers * (4 * h * h + 2 * h * inter)
+    transformer = sum(t * per_token + layers * 4 * t * t * h for t in tokens)
+    head = sum(tokens) * 2 * h * vocab
+    return {"transformer": transformer / 1e9, "head": head / 1e9, "tokens": sum(tokens)}
+
+
 # ==================================================================================== 1. encoding
 def bench_encode(ctx: Context) -> dict:
     import torch
@@ -316,6 +356,22 @@ def bench_encode(ctx: Context) -> dict:
         log.info("encode %s: lsr-run %.1f docs/s, sentence-transformers %.1f docs/s, max |diff| %.2e", precision,
                  entry["docs_per_second"]["lsr_run"], entry["docs_per_second"]["sentence_transformers"],
                  entry["max_abs_diff"])
+    # the same forward FLOPs on both sides (transformer + the full vocabulary projection): each side's GFLOP/s
+    # against the matmul rate measured now at that precision says how far either is from the hardware's bound
+    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=DOC_MAX_LENGTH)["input_ids"]]
+    work = forward_gflop(encoder.mlm.config, lengths)
+    result["gflop_per_doc"] = (work["transformer"] + work["head"]) / n
+    result["mean_tokens"] = work["tokens"] / n
+    for precision, entry in result["precisions"].items():
+        rate = matmul_rate(ctx.device, precision == "bf16")
+        entry["matmul_rate"] = rate
+        entry["fraction_of_matmul_rate"] = {name: dps * result["gflop_per_doc"] / rate["gflops"]
+                                            for name, dps in entry["docs_per_second"].items()}
+        entry["docs_per_second_at_matmul_rate"] = rate["gflops"] / result["gflop_per_doc"]
+        log.info("encode %s: %.1f GFLOP/doc, matmul rate %.0f GFLOP/s: lsr-run %.0f%%, sentence-transformers %.0f%% "
+                 "of it", precision, result["gflop_per_doc"], rate["gflops"],
+                 100 * entry["fraction_of_matmul_rate"]["lsr_run"],
+                 100 * entry["fraction_of_matmul_rate"]["sentence_transformers"])
     best = {name: max(result["precisions"], key=lambda p: result["precisions"][p]["docs_per_second"][name])
             for name in ("lsr_run", "sentence_transformers")}
     result["best"] = {name: {"precision": p, "docs_per_second": result["precisions"][p]["docs_per_second"][name]}
@@ -404,6 +460,28 @@ def bench_train(ctx: Context) -> dict:
     if "cuda_peak_allocated_mb" in lsr:
         result["ratio_cuda_peak"] = ratio(lsr["cuda_peak_allocated_mb"], st["cuda_peak_allocated_mb"])
     result["first_step_loss_abs_diff"] = abs(lsr["first_step"]["total"] - st["first_step"]["total"])
+    # FLOPs of the step. A dense backward costs twice its forward, so the dense step is 3 x forward (what
+    # sentence-transformers runs); lsr-run's max-pool backward skips the vocabulary projection's two backward
+    # matmuls (3 x transformer + 1 x projection). At the measured matmul rate that work sets a floor on lsr-run's
+    # step, and the reference's measured time over that floor is the largest ratio this hardware allows.
+    tok = ctx.encoder().tokenizer
+    docs = batch["positives"] + batch["negatives"]
+    q_len = [len(x) for x in tok(batch["queries"], truncation=True, max_length=QUERY_MAX_LENGTH)["input_ids"]]
+    d_len = [len(x) for x in tok(docs, truncation=True, max_length=DOC_MAX_LENGTH)["input_ids"]]
+    work = forward_gflop(ctx.encoder().mlm.config, q_len + d_len)
+    rate = matmul_rate(ctx.device, bf16)
+    dense = 3 * (work["transformer"] + work["head"])
+    executed = 3 * work["transformer"] + work["head"]
+    st_seconds = st["median_seconds_per_step"]
+    result["compute"] = {
+        "matmul_rate": rate, "forward_gflop": work, "dense_step_gflop": dense, "lsr_run_step_gflop": executed,
+        "fraction_of_matmul_rate": {"lsr_run": executed / lsr["median_seconds_per_step"] / rate["gflops"],
+                                    "sentence_transformers": dense / st_seconds / rate["gflops"]},
+        "lsr_run_floor_seconds": executed / rate["gflops"],
+        "ratio_ceiling": st_seconds / (executed / rate["gflops"])}
+    log.info("train: step %.0f GFLOP dense, %.0f GFLOP as lsr-run runs it; matmul rate %.0f GFLOP/s; lsr-run "
+             "floor %.2f s/step, so at most %.2fx the reference's measured step", dense, executed, rate["gflops"],
+             result["compute"]["lsr_run_floor_seconds"], result["compute"]["ratio_ceiling"])
     result["fp32_loss_check"] = fp32_loss_check(ctx, batch)
     log.info("train fp32 loss check: lsr-run %.4f, sentence-transformers %.4f",
              result["fp32_loss_check"]["lsr_run"]["total"], result["fp32_loss_check"]["sentence_transformers"]["total"])
@@ -995,6 +1073,13 @@ def table(results: dict) -> str:
                      f"{fmt(best['sentence_transformers']['docs_per_second'])} "
                      f"({best['sentence_transformers']['precision']})", fmt(best["ratio"], ".2f")))
         for p, e in enc["precisions"].items():
+            if "matmul_rate" in e:
+                rows.append(("encode", f"% of {p} matmul rate ({e['matmul_rate']['gflops']:.0f} GFLOP/s, "
+                                       f"{enc['gflop_per_doc']:.1f} GFLOP/doc)",
+                             fmt(100 * e["fraction_of_matmul_rate"]["lsr_run"], ".0f"),
+                             fmt(100 * e["fraction_of_matmul_rate"]["sentence_transformers"], ".0f"),
+                             f"ceiling {fmt(e['docs_per_second_at_matmul_rate'] / e['docs_per_second']['sentence_transformers'], '.2f')}"))
+        for p, e in enc["precisions"].items():
             rows.append(("encode", f"max |diff| {p}", fmt(e["max_abs_diff"], ".2e"), "",
                          f"{fmt(100 * e['quantized_equal_fraction'], '.2f')}% impacts equal"))
     tr = results.get("train")
@@ -1003,6 +1088,14 @@ def table(results: dict) -> str:
         rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']})",
                      fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
                      fmt(tr["ratio_examples_per_second"], ".2f")))
+        if "compute" in tr:
+            c = tr["compute"]
+            rows.append(("train", f"% of matmul rate ({c['matmul_rate']['gflops']:.0f} GFLOP/s)",
+                         fmt(100 * c["fraction_of_matmul_rate"]["lsr_run"], ".0f"),
+                         fmt(100 * c["fraction_of_matmul_rate"]["sentence_transformers"], ".0f"), ""))
+            rows.append(("train", "s/step: lsr-run's work at the matmul rate; reference measured",
+                         fmt(c["lsr_run_floor_seconds"], ".2f"), fmt(st["median_seconds_per_step"], ".2f"),
+                         f"ceiling {fmt(c['ratio_ceiling'], '.2f')}"))
         rows.append(("train", "peak RSS MB (process)", fmt(lsr["peak_rss_mb"], ".0f"), fmt(st["peak_rss_mb"], ".0f"),
                      fmt(tr["ratio_peak_rss"], ".2f")))
         rows.append(("train", "RSS rise over pre-step MB", fmt(lsr["step_rss_rise_mb"], ".0f"),
