@@ -197,6 +197,35 @@ def _trainer(tmp_path, loss, regularizer=None, **spec_overrides):
                    RunDir(tmp_path / "run"), seed=0)
 
 
+def test_prefetch_thread_trains_exactly_as_the_inline_loop(tmp_path):
+    """The CUDA path's prefetch (the next batch sampled, read and tokenised in a thread), forced on a CPU: every
+    logged value and every final weight equal those of the loop that does the host work in line."""
+    from lsr_run.losses import InfoNCE
+
+    runs = {}
+    for prefetch in ("false", "true"):
+        trainer = _trainer(tmp_path / prefetch, InfoNCE(), prefetch=prefetch)
+        assert (trainer._prefetch is not None) == (prefetch == "true")
+        result = trainer.train()
+        assert result["steps"] == 6
+        log = [{k: v for k, v in json.loads(line).items() if k != "rss_gb"}
+               for line in trainer.run.train_log.read_text().splitlines()]
+        runs[prefetch] = (log, {k: v.clone() for k, v in trainer.encoder.state_dict().items()})
+    assert len(runs["true"][0]) == 6 and runs["true"][0] == runs["false"][0]
+    assert all(torch.equal(runs["true"][1][k], v) for k, v in runs["false"][1].items())
+
+
+def test_step_statistics_reach_the_host_in_one_copy():
+    """``to_host``: tensors and plain numbers by name -> the floats ``float()`` gives each, in their order."""
+    from lsr_run.train import to_host
+
+    values = {"a": torch.tensor(1.5), "n": 3, "b": torch.tensor([[2.25]]), "c": torch.tensor(7, dtype=torch.int64),
+              "x": 0.125}
+    out = to_host(values)
+    assert list(out) == list(values) and out == {k: float(v) for k, v in values.items()}
+    assert all(type(v) is float for v in out.values())
+
+
 def test_nonfinite_loss_skipped_and_counted(tmp_path):
     result = _trainer(tmp_path, _NaNAt({2, 4}), nonfinite="skip").train()
     assert result["steps"] == 6 and result["nonfinite_steps"] == 2 and result["collapsed"] is False

@@ -525,6 +525,8 @@ def _identity(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED_FOR_IDENTITY:
         data.pop(key, None)
+    for key in prov.TRAIN_NEUTRAL:  # cadence and prefetch: a run made with other values has the same results
+        (data.get("train") or {}).pop(key, None)
     return data
 
 

@@ -22,7 +22,7 @@ RACY_NS = 2_000_000_000
 TRAIN_SECTIONS = ("backbone", "head_scaling", "candidates", "teacher", "sampling", "loss", "regularizer", "train",
                   "seed")
 # train.* keys that change how a result is computed or logged, not what it is
-TRAIN_NEUTRAL = ("log_every", "save_every")
+TRAIN_NEUTRAL = ("log_every", "save_every", "prefetch")  # the model is the same whatever these are
 
 
 def digest(obj: Any) -> str:

@@ -35,6 +35,14 @@ from .sampling import item_rng
 log = logging.getLogger(__name__)
 
 
+AUTO_SWITCH = ("auto", "true", "false", "True", "False")
+
+
+def on_cuda(setting, device: torch.device) -> bool:
+    """An auto | true | false switch whose auto means: on with CUDA."""
+    return device.type == "cuda" if str(setting) == "auto" else str(setting).lower() == "true"
+
+
 @dataclass
 class CollapseSpec:
     check_every: int = 10
@@ -62,13 +70,17 @@ class TrainSpec:
     save_every: int = 50
     nonfinite: str = "skip"  # skip | stop
     max_nonfinite: int = 10
+    # the next micro-batch sampled, read and tokenised in a thread while this one runs (the batches are the same
+    # either way). auto: on with CUDA; on a CPU the thread competes with the model's threads
+    prefetch: str = "auto"
     collapse: CollapseSpec = field(default_factory=CollapseSpec)
 
     def validate(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
                   "max_steps": self.max_steps >= 1, "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
                   "weight_decay": self.weight_decay >= 0, "log_every": self.log_every >= 1,
-                  "save_every": self.save_every >= 1, "nonfinite": self.nonfinite in ("skip", "stop")}
+                  "save_every": self.save_every >= 1, "nonfinite": self.nonfinite in ("skip", "stop"),
+                  "prefetch": str(self.prefetch) in AUTO_SWITCH}
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: out of range")
@@ -146,12 +158,29 @@ def scores_of(q: torch.Tensor, d: torch.Tensor):
 
 def score_batch(encoder: SpladeEncoder, queries: list[str], docs: list[str], spec: TrainSpec, model=None):
     """Encode a batch and score it; ``model`` (a DualEncode, possibly DDP-wrapped) runs the forward."""
-    model = model or DualEncode(encoder)
     qb = encoder.tokenize(queries, spec.query_max_length)
     db = encoder.tokenize(docs, spec.doc_max_length)
+    return score_tokens(encoder, qb, db, model)
+
+
+def score_tokens(encoder: SpladeEncoder, qb: dict, db: dict, model=None):
+    """``score_batch`` on batches already tokenised (on any device: they are moved to the encoder's)."""
+    model = model or DualEncode(encoder)
+    device = encoder.device
+    qb, db = ({k: v.to(device, non_blocking=True) for k, v in b.items()} for b in (qb, db))
     q, d = model(qb["input_ids"], qb["attention_mask"], db["input_ids"], db["attention_mask"])
     all_scores, group = scores_of(q, d)
     return q, d, all_scores, group
+
+
+def to_host(values: dict) -> dict[str, float]:
+    """Named scalars (tensors or numbers) -> floats, with one device-to-host copy for all the tensors."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if names:
+        host = torch.stack([values[k].detach().float().reshape(()) for k in names]).cpu().tolist()
+        out.update(zip(names, host))
+    return {k: out[k] for k in values}
 
 
 def rss_gb() -> float:
@@ -248,13 +277,21 @@ class Trainer:
 
             ids = [self.dist.local_rank] if encoder.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        # on CUDA AdamW's fused kernel (one launch for every parameter); elsewhere torch's default implementation
+        self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
+                                           fused=encoder.device.type == "cuda" or None)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, spec.warmup_steps, spec.max_steps)
         self.bf16 = resolve_bf16(spec.bf16, encoder.device)
         self.step = 0
         self.nonfinite = 0
         self.bad_checks = 0
         self.collapsed: dict | None = None
+        self._prefetch = None
+        if on_cuda(spec.prefetch, encoder.device):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="lsr-run-batches")
+        self._pending: dict = {}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -311,34 +348,57 @@ class Trainer:
                               "query_terms": q_terms, "doc_terms": d_terms}
 
     # ---------------------------------------------------------------- loop
-    def micro_step(self, micro_index: int) -> dict:
+    def prepare(self, micro_index: int) -> dict:
+        """The host's share of a micro-step: sampling, reading the texts, tokenising (CPU tensors, pinned for an
+        asynchronous copy on CUDA). Pure in ``micro_index``, so it may run ahead in the prefetch thread."""
         spec = self.spec
         epoch, qids, groups = batch_at(self.data, self.sampler, self.seed, micro_index, spec.batch_size)
         teacher = None
         if self.data.teacher is not None:  # sampling is pure: every rank knows the whole global batch
-            teacher = torch.tensor([t for _, t in groups], dtype=torch.float32, device=self.encoder.device)
+            teacher = torch.tensor([t for _, t in groups], dtype=torch.float32)
         mine = self.dist.slice(len(qids))
         q_texts = [self.data.queries[q] for q in qids[mine]]
         d_ids = [d for docs, _ in groups[mine] for d in docs]
-        corpus = self.data.corpus  # a TextTable reads a batch of rows at once
-        d_texts = corpus.many(d_ids)
-        ctx = torch.autocast(self.encoder.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        d_texts = self.data.corpus.many(d_ids)  # a TextTable reads a batch of rows at once
+        qb = self.encoder.tokenize(q_texts, spec.query_max_length, device=None)
+        db = self.encoder.tokenize(d_texts, spec.doc_max_length, device=None)
+        if self.encoder.device.type == "cuda":
+            qb, db = ({k: v.pin_memory() for k, v in b.items()} for b in (qb, db))
+            teacher = teacher.pin_memory() if teacher is not None else None
+        return {"epoch": epoch, "teacher": teacher, "queries": qb, "docs": db}
+
+    def batch(self, micro_index: int) -> dict:
+        """``prepare(micro_index)``; with prefetch, taken from the thread, which starts on the next one."""
+        if self._prefetch is None:
+            return self.prepare(micro_index)
+        future = self._pending.pop(micro_index, None) or self._prefetch.submit(self.prepare, micro_index)
+        self._pending = {}  # a skipped or resumed index leaves nothing stale behind
+        if micro_index + 1 < self.spec.max_steps * self.spec.grad_accum:
+            self._pending[micro_index + 1] = self._prefetch.submit(self.prepare, micro_index + 1)
+        return future.result()
+
+    def micro_step(self, micro_index: int) -> dict:
+        prepared = self.batch(micro_index)
+        device = self.encoder.device
+        teacher = prepared["teacher"]
+        teacher = teacher.to(device, non_blocking=True) if teacher is not None else None
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
-            q, d, _, _ = score_batch(self.encoder, q_texts, d_texts, spec, self.model)
+            q, d, _, _ = score_tokens(self.encoder, prepared["queries"], prepared["docs"], self.model)
         q, d = self.dist.gather(q.float()), self.dist.gather(d.float())  # the global batch
         all_scores, group = scores_of(q, d)
         rank = self.loss.evaluate(ScoredBatch(group, all_scores, teacher))
         reg = self.reg(q.float(), d.float(), self.step)  # {"reg": the term to add, ...: what it logs}
         total = rank.total + reg["reg"]
-        with torch.no_grad():
-            stats = {"epoch": epoch, "loss": float(total), "rank_loss": float(rank.total),
-                     **{name: float(value) for name, value in reg.items()},
-                     "query_terms": float((q > 0).sum(1).float().mean()),
-                     "doc_terms": float((d > 0).sum(1).float().mean()),
-                     "doc_weight_mean": float(d[d > 0].mean()) if (d > 0).any() else 0.0,
-                     "doc_weight_max": float(d.max()),
-                     "score_gap": float((group[:, 0] - group[:, 1:].mean(1)).mean()),
-                     **{f"loss_{name}": value for name, value in rank.parts.items()}}
+        with torch.no_grad():  # reduced on the device, copied to the host once
+            active = d > 0
+            stats = to_host({"loss": total, "rank_loss": rank.total, **reg,
+                             "query_terms": (q > 0).sum(1).float().mean(),
+                             "doc_terms": active.sum(1).float().mean(),
+                             "doc_weight_mean": d.sum() / active.sum().clamp(min=1),
+                             "doc_weight_max": d.max(),
+                             "score_gap": (group[:, 0] - group[:, 1:].mean(1)).mean()})
+        stats = {"epoch": prepared["epoch"], **stats, **{f"loss_{name}": value for name, value in rank.parts.items()}}
         return {"total": total, "stats": stats}
 
     def train(self) -> dict:
@@ -357,7 +417,7 @@ class Trainer:
             acc: dict[str, float] = {}
             for micro in range(spec.grad_accum):
                 out = self.micro_step(self.step * spec.grad_accum + micro)
-                if not torch.isfinite(out["total"]):
+                if not math.isfinite(out["stats"]["loss"]):
                     finite = False
                     break
                 (out["total"] / spec.grad_accum).backward()
@@ -390,6 +450,9 @@ class Trainer:
             if self.step % spec.save_every == 0 or self.collapsed is not None:
                 self.save_checkpoint()
         bar.close()
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            self._pending = {}
         if self.collapsed is not None:
             self.save_checkpoint()
             log.error("training collapsed at step %d: %s (checkpoint kept at %s)", self.collapsed["step"],

@@ -83,10 +83,13 @@ class SpladeEncoder(nn.Module):
         top = max_logits(transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk)
         return torch.log1p(torch.relu(top))
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], max_length: int, device="model") -> dict[str, torch.Tensor]:
+        """Padded ``input_ids`` and ``attention_mask`` on the model's device (``device=None``: left on the CPU)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt", return_token_type_ids=False)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        if device is None:
+            return dict(enc)
+        return {k: v.to(self.device if device == "model" else device) for k, v in enc.items()}
 
     def encode_batch(self, texts: Sequence[str], max_length: int) -> torch.Tensor:
         batch = self.tokenize(texts, max_length)
