@@ -101,3 +101,7 @@ BENCH_ARGS ?=
 
 bench: $(STAMP) ## lsr-run vs sentence-transformers/Pyserini: encode, train step, search, index, data -> outputs/bench/bench.json (BENCH_ARGS=--quick)
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+.PHONY: bench-gpu
+bench-gpu: $(STAMP) ## encode and train step on CUDA at GPU sizes beside sentence-transformers, each as a share of the card's measured bf16 matmul rate
+	$(PY) scripts/bench.py --device cuda --sections encode,train --out outputs/bench/bench_gpu.json $(BENCH_ARGS)

@@ -39,6 +39,9 @@ sections' precision) and count each side's FLOPs from the token counts: the frac
 and the ratio lsr-run would reach if its own work ran at that rate (the ceiling on this hardware).
 
     python scripts/bench.py [--quick] [--device cpu|cuda] [--out outputs/bench/bench.json]
+
+On a GPU the sizes default to the GPU's (encode batches of 128 over 4,096 documents; training steps of 32 queries
+with 3 negatives each); ``--encode-batch``, ``--encode-docs``, ``--train-batch`` and ``--negatives`` set them.
 """
 
 from __future__ import annotations
@@ -212,6 +215,11 @@ class Context:
         self.quick = args.quick
         self.data_docs = args.data_docs
         self.device = torch.device(args.device)
+        gpu = self.device.type == "cuda"  # GPU sizes by default on a GPU: the card is not busy at CPU sizes
+        self.encode_batch = args.encode_batch or (128 if gpu else ENCODE_BATCH)
+        self.encode_docs = args.encode_docs or (4096 if gpu and not args.quick else size("encode_docs", args.quick))
+        self.train_batch = args.train_batch or (32 if gpu else TRAIN_BATCH)
+        self.negatives = args.negatives or (3 if gpu else 1)
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._encoder = None
@@ -297,7 +305,7 @@ def bench_encode(ctx: Context) -> dict:
 
     from lsr_run.models.splade import resolve_bf16
 
-    n = size("encode_docs", ctx.quick)
+    n = ctx.encode_docs
     repeats = size("encode_repeats", ctx.quick)
     corpus = scifact().corpus
     texts = [corpus.text(i) for i in corpus.ids()[:n]]
@@ -309,16 +317,16 @@ def bench_encode(ctx: Context) -> dict:
 
     def run_lsr(batch: list[str], bf16: bool) -> torch.Tensor:
         out = torch.empty(len(batch), vocab)
-        for positions, weights in encoder.encode(batch, DOC_MAX_LENGTH, ENCODE_BATCH, bf16=bf16):
+        for positions, weights in encoder.encode(batch, DOC_MAX_LENGTH, ctx.encode_batch, bf16=bf16):
             out[positions] = weights.to("cpu", torch.float32)
         return out
 
     def run_st(batch: list[str], bf16: bool) -> torch.Tensor:
         with autocast(ctx.device, bf16):
-            emb = st.encode(batch, batch_size=ENCODE_BATCH, show_progress_bar=False)  # sparse COO by default
+            emb = st.encode(batch, batch_size=ctx.encode_batch, show_progress_bar=False)  # sparse COO by default
         return emb.to_dense().to("cpu", torch.float32)
 
-    result: dict = {"docs": n, "max_length": DOC_MAX_LENGTH, "batch_size": ENCODE_BATCH, "repeats": repeats,
+    result: dict = {"docs": n, "max_length": DOC_MAX_LENGTH, "batch_size": ctx.encode_batch, "repeats": repeats,
                     "bf16_supported": bf16_ok, "torch_threads": torch.get_num_threads(), "precisions": {}}
     for precision in precisions:
         bf16 = precision == "bf16"
@@ -381,7 +389,7 @@ def bench_encode(ctx: Context) -> dict:
         st16 = sentence_transformers_encoder(ctx.model_dir(), DOC_MAX_LENGTH, ctx.device, dtype=torch.bfloat16)
 
         def run_st16(batch: list[str]) -> torch.Tensor:
-            emb = st16.encode(batch, batch_size=ENCODE_BATCH, show_progress_bar=False)
+            emb = st16.encode(batch, batch_size=ctx.encode_batch, show_progress_bar=False)
             return emb.to_dense().to("cpu", torch.float32)
 
         run_st16(texts[:8])
@@ -405,26 +413,28 @@ def bench_encode(ctx: Context) -> dict:
 
 
 # ==================================================================================== 2. training step
-def training_batch(path: Path) -> dict:
-    """8 scifact training triplets: query, a judged positive, a seeded random unjudged negative; teacher scores
-    are fixed synthetic numbers (the benchmark times the step, it does not train)."""
+def training_batch(path: Path, size: int = TRAIN_BATCH, n_negatives: int = 1) -> dict:
+    """``size`` scifact training queries, each with a judged positive and ``negatives`` seeded random unjudged
+    documents; teacher scores are fixed synthetic numbers (the benchmark times the step, it does not train)."""
     import numpy as np
 
     ds = scifact("train")
     rng = np.random.default_rng(0)
     doc_ids = ds.corpus.ids()
     qids = sorted((q for q in ds.qrels if q in ds.queries and any(v > 0 for v in ds.qrels[q].values())),
-                  key=lambda q: (len(q), q))[:TRAIN_BATCH]
+                  key=lambda q: (len(q), q))[:size]
     queries, positives, negatives, teacher = [], [], [], []
     for i, q in enumerate(qids):
         pos = next(d for d, v in ds.qrels[q].items() if v > 0)
-        neg = doc_ids[int(rng.integers(len(doc_ids)))]
-        while neg in ds.qrels[q]:
+        negs = []
+        while len(negs) < n_negatives:
             neg = doc_ids[int(rng.integers(len(doc_ids)))]
+            if neg not in ds.qrels[q] and neg not in negs:
+                negs.append(neg)
         queries.append(ds.queries[q])
         positives.append(ds.corpus.text(pos))
-        negatives.append(ds.corpus.text(neg))
-        teacher.append([12.0 + 0.5 * i, 7.0 + 0.25 * i])
+        negatives.append([ds.corpus.text(n) for n in negs])
+        teacher.append([12.0 + 0.5 * i] + [7.0 + 0.25 * i - 0.5 * j for j in range(n_negatives)])
     batch = {"qids": qids, "queries": queries, "positives": positives, "negatives": negatives, "teacher": teacher,
              "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH}
     path.write_text(json.dumps(batch))
@@ -435,10 +445,10 @@ def bench_train(ctx: Context) -> dict:
     from lsr_run.models.splade import resolve_bf16
 
     batch_path = ctx.work / "train_batch.json"
-    batch = training_batch(batch_path)
+    batch = training_batch(batch_path, ctx.train_batch, ctx.negatives)
     bf16 = resolve_bf16("auto", ctx.device)
     model_dir = ctx.model_dir()
-    result: dict = {"examples_per_step": TRAIN_BATCH, "negatives_per_query": 1, "precision": "bf16" if bf16 else "fp32",
+    result: dict = {"examples_per_step": ctx.train_batch, "negatives_per_query": ctx.negatives, "precision": "bf16" if bf16 else "fp32",
                     "warmup_steps": size("train_warmup_steps", ctx.quick), "steps": size("train_steps", ctx.quick),
                     "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH,
                     "lambda_q": LAMBDA_Q, "lambda_d": LAMBDA_D, "sides": {}}
@@ -465,7 +475,7 @@ def bench_train(ctx: Context) -> dict:
     # matmuls (3 x transformer + 1 x projection). At the measured matmul rate that work sets a floor on lsr-run's
     # step, and the reference's measured time over that floor is the largest ratio this hardware allows.
     tok = ctx.encoder().tokenizer
-    docs = batch["positives"] + batch["negatives"]
+    docs = batch["positives"] + [n for negs in batch["negatives"] for n in negs]
     q_len = [len(x) for x in tok(batch["queries"], truncation=True, max_length=QUERY_MAX_LENGTH)["input_ids"]]
     d_len = [len(x) for x in tok(docs, truncation=True, max_length=DOC_MAX_LENGTH)["input_ids"]]
     work = forward_gflop(ctx.encoder().mlm.config, q_len + d_len)
@@ -506,7 +516,7 @@ def training_forward(side: str, model, batch: dict, teacher, device, bf16: bool)
 
         spec = TrainSpec(query_max_length=batch["query_max_length"], doc_max_length=batch["doc_max_length"])
         loss_fn, regularizer = MarginMSE(), FlopsRegularizer(LAMBDA_Q, LAMBDA_D, warmup_steps=0)
-        docs = [d for pair in zip(batch["positives"], batch["negatives"]) for d in pair]  # [pos, neg] per query
+        docs = [d for pos, negs in zip(batch["positives"], batch["negatives"]) for d in [pos, *negs]]  # per query
 
         def forward(step: int) -> dict:
             with autocast(device, bf16):
@@ -526,8 +536,9 @@ def training_forward(side: str, model, batch: dict, teacher, device, bf16: bool)
     def forward(step: int) -> dict:
         # what SparseEncoderDataCollator does per column (tokenisation is inside lsr-run's timed step too)
         features = [model.preprocess(batch["queries"], max_length=batch["query_max_length"]),
-                    model.preprocess(batch["positives"], max_length=batch["doc_max_length"]),
-                    model.preprocess(batch["negatives"], max_length=batch["doc_max_length"])]
+                    model.preprocess(batch["positives"], max_length=batch["doc_max_length"])] + \
+                   [model.preprocess([negs[j] for negs in batch["negatives"]], max_length=batch["doc_max_length"])
+                    for j in range(len(batch["negatives"][0]))]  # one column per negative, as the collator makes
         features = [batch_to_device(f, device) for f in features]
         with autocast(device, bf16):
             parts = loss_fn(features, teacher)
@@ -607,7 +618,7 @@ def train_worker(argv: list[str]) -> None:
         cpu.append(watch.cpu_seconds)
     median = sorted(times)[len(times) // 2]
     result = {"seconds": times, "cpu_seconds": cpu, "median_seconds_per_step": median,
-              "examples_per_second": TRAIN_BATCH / median, "first_step": first,
+              "examples_per_second": len(batch["queries"]) / median, "first_step": first,
               "rss_at_start_mb": rss_start, "rss_before_steps_mb": rss_before,
               "peak_rss_before_steps_mb": peak_before, "peak_rss_mb": peak_rss_mb(),
               "step_rss_rise_mb": peak_rss_mb() - (rss_before or 0.0),
@@ -1085,7 +1096,7 @@ def table(results: dict) -> str:
     tr = results.get("train")
     if tr:
         lsr, st = tr["sides"]["lsr_run"], tr["sides"]["sentence_transformers"]
-        rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']})",
+        rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']}, {tr.get('negatives_per_query', 1)} neg)",
                      fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
                      fmt(tr["ratio_examples_per_second"], ".2f")))
         if "compute" in tr:
@@ -1217,6 +1228,10 @@ def main() -> None:
     p.add_argument("--data-docs", type=int, default=None,
                    help="documents in the data section's synthetic corpus (default 1M, 50k with --quick; 8800000 is "
                         "MS MARCO passage's size: about 7 GB of JSONL and as much again for the conversion)")
+    p.add_argument("--encode-batch", type=int, default=None, help="texts per encode batch (32; 128 on a GPU)")
+    p.add_argument("--encode-docs", type=int, default=None, help="scifact documents encoded (512; 4096 on a GPU)")
+    p.add_argument("--train-batch", type=int, default=None, help="queries per training step (8; 32 on a GPU)")
+    p.add_argument("--negatives", type=int, default=None, help="negatives per query in the step (1; 3 on a GPU)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections already in --out (re-run one section after a fix)")
     args = p.parse_args()
