@@ -102,6 +102,13 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## lsr-run vs sentence-transformers/Pyserini: encode, train step, search, index, data -> outputs/bench/bench.json (BENCH_ARGS=--quick)
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+.PHONY: gpu-check-prepare gpu-check-rehearsal
+gpu-check-prepare: $(STAMP) ## .gpu/: data, BM25 candidates run file, fp16 weights and wheels for scripts/gpu_check.py run on a bare CUDA machine
+	$(PY) scripts/gpu_check.py prepare
+
+gpu-check-rehearsal: gpu-check-prepare ## the GPU check on this CPU (4 steps, adi, quick bench) with Java's and Pyserini's modules unimportable
+	$(PY) scripts/gpu_check.py run --quick --block-missing
+
 .PHONY: bench-gpu
 bench-gpu: $(STAMP) ## encode and train step on CUDA at GPU sizes beside sentence-transformers, each as a share of the card's measured bf16 matmul rate
 	$(PY) scripts/bench.py --device cuda --sections encode,train --out outputs/bench/bench_gpu.json $(BENCH_ARGS)

@@ -224,13 +224,14 @@ class Context:
         self.work.mkdir(parents=True, exist_ok=True)
         self._encoder = None
         self._model_dir: Path | None = None
+        self.model_id = args.model_id
 
     def encoder(self):
         if self._encoder is None:
             from lsr_run.models.backbone import BackboneSpec, load_backbone
             from lsr_run.models.splade import SpladeEncoder
 
-            mlm, tokenizer, settings = load_backbone(BackboneSpec())
+            mlm, tokenizer, settings = load_backbone(BackboneSpec(**({"model_id": self.model_id} if self.model_id else {})))
             self._encoder = SpladeEncoder(mlm, tokenizer, settings).to(self.device)
             self._encoder.eval()
         return self._encoder
@@ -503,7 +504,8 @@ def load_training_model(side: str, model_dir: Path, batch: dict, device):
         from lsr_run.models.backbone import BackboneSpec, load_backbone
         from lsr_run.models.splade import SpladeEncoder
 
-        mlm, tokenizer, settings = load_backbone(BackboneSpec())
+        model_id = os.environ.get("LSR_BENCH_MODEL_ID")  # --model-id, passed on to the worker processes
+        mlm, tokenizer, settings = load_backbone(BackboneSpec(**({"model_id": model_id} if model_id else {})))
         return SpladeEncoder(mlm, tokenizer, settings).to(device)
     return sentence_transformers_encoder(model_dir, batch["doc_max_length"], device)
 
@@ -1232,10 +1234,13 @@ def main() -> None:
     p.add_argument("--encode-docs", type=int, default=None, help="scifact documents encoded (512; 4096 on a GPU)")
     p.add_argument("--train-batch", type=int, default=None, help="queries per training step (8; 32 on a GPU)")
     p.add_argument("--negatives", type=int, default=None, help="negatives per query in the step (1; 3 on a GPU)")
+    p.add_argument("--model-id", default=None, help="backbone.model_id of the model timed (default: minilm_l6's)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections already in --out (re-run one section after a fix)")
     args = p.parse_args()
     args.work = args.work or str(Path(args.out).resolve().parent / "work")
+    if args.model_id:
+        os.environ["LSR_BENCH_MODEL_ID"] = args.model_id
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "sentence_transformers", "lsr_run"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
