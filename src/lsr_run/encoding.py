@@ -20,7 +20,7 @@ from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabular
                       write_vectors)
 from .models.splade import SpladeEncoder
 from . import interrupt
-from .run_dir import atomic_path, write_error, write_json
+from .run_dir import EncodedCorpus, atomic_path, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
     lo, hi = rank * per, min(len(corpus), (rank + 1) * per)
     n_docs = max(0, hi - lo)
     n_shards = shard_count(n_docs, spec.shard_size, -(-min_shards // world))
-    writer = ShardWriter([out_dir / f"part-{rank:03d}-{s:05d}.jsonl" for s in range(n_shards)],
+    files = EncodedCorpus(out_dir)
+    writer = ShardWriter([files.shard(rank, s) for s in range(n_shards)],
                          term_vocabulary(encoder.tokenizer))
     empty = 0
     try:  # texts stream from the memory-mapped table, ENCODE_CHUNK at a time (each chunk sorted by length)
@@ -127,20 +128,21 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
     seconds = time.time() - start
     stats = {"docs": n_docs, "doc_terms": writer.total_terms / max(1, n_docs), "empty_docs": int(empty),
              "shards": n_shards, "seconds": seconds, "docs_per_second": n_docs / max(1e-9, seconds)}
-    write_json(out_dir / f"stats-{rank:03d}.json", stats)
+    write_json(files.rank_stats(rank), stats)
     return stats
 
 
 def merge_stats(out_dir: Path) -> dict:
     """Combine every rank's stats into ``stats.json`` (the file later stages read)."""
-    parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("stats-*.json"))]
+    files = EncodedCorpus(out_dir)
+    parts = [json.loads(p.read_text()) for p in files.all_rank_stats()]
     docs = sum(p["docs"] for p in parts)
     seconds = max(p["seconds"] for p in parts)
     stats = {"docs": docs, "doc_terms": sum(p["doc_terms"] * p["docs"] for p in parts) / max(1, docs),
              "empty_docs": sum(p["empty_docs"] for p in parts), "shards": sum(p.get("shards", 0) for p in parts),
              "seconds": seconds,
              "docs_per_second": docs / max(1e-9, seconds), "ranks": len(parts)}
-    write_json(out_dir / "stats.json", stats)
+    write_json(files.stats, stats)
     return stats
 
 

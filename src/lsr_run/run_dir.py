@@ -167,7 +167,7 @@ class RunDir:
 
     def encoded_corpus_stats(self, corpus: str) -> Path:
         """Merged encoding statistics of a corpus (docs, terms per document, speed)."""
-        return self.encoded_corpus(corpus) / "stats.json"
+        return EncodedCorpus(self.encoded_corpus(corpus)).stats
 
     def encoded_queries(self, dataset: str) -> Path:
         return self.root / "encoded" / dataset / "queries.jsonl"
@@ -186,6 +186,32 @@ class RunDir:
 
     def stage_done(self, stage: str, key: str = "") -> Path:
         return self.root / ".done" / (f"{stage}-{key}" if key else stage)
+
+
+class EncodedCorpus:
+    """The files of one encoded corpus folder: the JSONL shards the indexers read (``part-<rank>-<n>.jsonl``),
+    each rank's statistics and the merged statistics."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def shard(self, rank: int, n: int) -> Path:
+        return self.folder / f"part-{rank:03d}-{n:05d}.jsonl"
+
+    def shards(self) -> list[Path]:
+        """Every shard in the folder, in name order (ranks, then shards)."""
+        return sorted(self.folder.glob("*.jsonl"))
+
+    def rank_stats(self, rank: int) -> Path:
+        return self.folder / f"stats-{rank:03d}.json"
+
+    def all_rank_stats(self) -> list[Path]:
+        return sorted(self.folder.glob("stats-*.json"))
+
+    @property
+    def stats(self) -> Path:
+        """The ranks' statistics merged: what later stages read."""
+        return self.folder / "stats.json"
 
 
 def check_name(value: str, key: str) -> str:

@@ -15,7 +15,7 @@ from scipy import sparse
 
 from ..data import write_trec_run
 from ..impacts import read_vectors
-from ..run_dir import atomic_path
+from ..run_dir import EncodedCorpus, atomic_path
 from . import VectorBackend
 
 
@@ -28,7 +28,7 @@ class BruteForceBackend(VectorBackend):
     def build(self, vectors_dir: Path, index_dir: Path) -> dict:
         doc_ids, rows, cols, vals = [], [], [], []
         term_ids: dict[str, int] = {}
-        for shard in sorted(Path(vectors_dir).glob("*.jsonl")):
+        for shard in EncodedCorpus(vectors_dir).shards():
             for doc_id, vec in read_vectors(shard):
                 r = len(doc_ids)
                 doc_ids.append(doc_id)

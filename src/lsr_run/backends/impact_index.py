@@ -106,7 +106,9 @@ def build_impact_index(vectors_dir: Path, index_dir: Path, processes: int, heap:
     processes (shards dealt round-robin), merged into one index."""
     from ..errors import LsrError
 
-    shards = sorted(Path(vectors_dir).glob("*.jsonl"))
+    from ..run_dir import EncodedCorpus
+
+    shards = EncodedCorpus(vectors_dir).shards()
     if not shards:
         raise LsrError(f"{vectors_dir}: no *.jsonl shards to index; run the encode stage first")
     # a process (JVM start, then a merge) pays off from about 128 MB of shards on
