@@ -84,3 +84,44 @@ def test_a_text_backend_is_searched_with_text_and_encodes_nothing(toy, tmp_path)
     assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
     assert "query_terms" not in metrics["toytest"]  # no vectors, no vector statistics
     assert read_trec_run(run.run_file("toytest"))
+
+
+def test_a_baseline_runs_from_its_own_config_composed_from_the_run(toy, tmp_path):
+    """``eval.baselines.<name>`` runs index, search and evaluate from a config composed from the run's (its
+    index node in place of the run's index): written to baselines/<name>/config.yaml, the run's left as it is."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from conftest import CONF_DIR, toy_overrides
+    from lsr_run.pipeline import baseline_config
+    from lsr_run.run_dir import RunDir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=toy_overrides(toy) + [
+            "index=brute_force", f"paths.data_dir={toy['data']}", "paths.cache_dir=null",
+            f"+eval.baselines.overlap={{_target_: {__name__}.WordOverlap}}"])
+    before = OmegaConf.to_yaml(cfg)
+    composed = baseline_config(cfg, "overlap")
+    assert OmegaConf.to_yaml(cfg) == before  # composing leaves the run's config untouched
+    assert composed.index._target_ == f"{__name__}.WordOverlap" and list(composed.stages) == ["index", "search",
+                                                                                                 "evaluate"]
+    others = [k for k in cfg if k not in ("index", "stages")]  # every other section is the run's
+    assert OmegaConf.to_container(OmegaConf.masked_copy(composed, others)) == \
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, others))
+
+    from lsr_run.pipeline import Experiment, _run_locked
+    from lsr_run import distributed
+
+    run = RunDir(tmp_path / "run")
+    experiment = Experiment(OmegaConf.merge(cfg, {"stages": ["evaluate"]}), run.root)
+    run.root.mkdir(parents=True)
+    _run_locked(experiment.cfg, run, distributed.init(), experiment)
+    base = run.baseline("overlap")
+    written = OmegaConf.load(base.config)
+    assert written.index._target_ == f"{__name__}.WordOverlap" and list(written.stages) == ["index", "search",
+                                                                                              "evaluate"]
+    metrics = json.loads(base.metrics.read_text())
+    assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
+    assert not (base.root / "encoded").exists()

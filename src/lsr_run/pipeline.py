@@ -617,6 +617,20 @@ def run(cfg: DictConfig, root: Path) -> dict:
             unlock_run_dir(run_dir.root)
 
 
+BASELINE_STAGES = ("index", "search", "evaluate")  # a baseline is a text backend: nothing is trained or encoded
+
+
+def baseline_config(cfg: DictConfig, name: str) -> DictConfig:
+    """Baseline ``name``'s own config, composed from the run's: every section but ``index`` and ``stages``, then
+    the baseline's index node (``eval.baselines.<name>``) as its index and the stages a baseline runs. The run's
+    config is left as it is; the result is written to ``baselines/<name>/config.yaml``."""
+    composed = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("index", "stages")])
+    OmegaConf.set_struct(composed, False)
+    composed = OmegaConf.merge(composed, {"index": cfg.eval.baselines[name], "stages": list(BASELINE_STAGES)})
+    OmegaConf.set_struct(composed, True)
+    return composed
+
+
 def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx, experiment: Experiment) -> dict:
     if ctx.is_main:
         guard_run_dir(cfg, run_dir)
@@ -635,13 +649,13 @@ def _run_locked(cfg: DictConfig, run_dir: RunDir, ctx, experiment: Experiment) -
     if not ctx.is_main:
         return {}
     baselines = {}
-    for name, index_cfg in (cfg.eval.get("baselines") or {}).items():
-        bcfg = cfg.copy()
-        OmegaConf.set_struct(bcfg, False)
-        bcfg.index = index_cfg
-        bcfg.stages = ["index", "search", "evaluate"]
+    for name in cfg.eval.get("baselines") or {}:
+        bcfg = baseline_config(cfg, name)
+        base_dir = run_dir.baseline(name)
         log.info("baseline %s", name)
-        baselines[name] = Experiment(bcfg, run_dir.baseline(name).root).execute()
+        base_dir.root.mkdir(parents=True, exist_ok=True)
+        rd.write_text(base_dir.config, OmegaConf.to_yaml(bcfg, resolve=True))
+        baselines[name] = Experiment(bcfg, base_dir.root).execute()
     if metrics and "evaluate" in experiment.stages:
         if run_dir.model.is_dir() and not cfg.model.path:
             from .models.persist import write_model_card
