@@ -74,3 +74,44 @@ def test_encode_corpus_shards_hold_every_document_once_with_the_encoder_vectors(
         assert r["vector"] == ({EMPTY_DOC_TERM: 1} if r["id"] == "d5" else want[r["id"]]), r["id"]
     assert stats["empty_docs"] == 1
     assert abs(stats["doc_terms"] - sum(len(want[i]) for i in ids if i != "d5") / len(ids)) < 1e-9
+
+
+def test_overlapped_encoding_writes_the_same_shards(tmp_path, monkeypatch):
+    """The CUDA path forced on a CPU: the next batch tokenised in a thread, the shards written in another one batch
+    behind. Shards byte-identical to the in-line path's; a failed write surfaces and leaves no shard behind."""
+    import pytest
+    import torch
+
+    from conftest import make_tiny_encoder, write_beir
+    from lsr_run.data import load_folder
+    from lsr_run.encoding import EncodeSpec, ShardWriter, encode_corpus
+
+    docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene index"] * (i % 5 + 1)) + f" doc{i}") for i in range(30)}
+    ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test")
+    encoder = make_tiny_encoder("bert").eval()
+    spec = EncodeSpec(batch_size=4, doc_max_length=32, bf16=False)
+    texts = [ds.corpus.text(i) for i in ds.corpus.ids()]
+    inline = list(encoder.encode(texts, 32, 4, False, prefetch=False))
+    ahead = list(encoder.encode(texts, 32, 4, False, prefetch=True))
+    assert [p for p, _ in inline] == [p for p, _ in ahead]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(inline, ahead))
+    out = {}
+    for overlap in (False, True):
+        stats = encode_corpus(encoder, ds.corpus, tmp_path / f"v{overlap}", spec, min_shards=3, overlap=overlap)
+        out[overlap] = ([p.read_bytes() for p in sorted((tmp_path / f"v{overlap}").glob("part-*.jsonl"))],
+                        {k: v for k, v in stats.items() if k not in ("seconds", "docs_per_second")})
+    assert out[True] == out[False] and len(out[True][0]) == 3
+
+    calls = {"n": 0}
+    original = ShardWriter.write
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "write", failing)
+    with pytest.raises(OSError):
+        encode_corpus(encoder, ds.corpus, tmp_path / "failed", spec, min_shards=3, overlap=True)
+    assert not list((tmp_path / "failed").glob("*.jsonl*"))

@@ -97,26 +97,47 @@ class SpladeEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], max_length: int, batch_size: int = 32, bf16="auto",
-               progress: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield (positions, weights) per batch; batches hold texts of similar length (fewer pad tokens)."""
+               progress: str | None = None, prefetch: bool | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield (positions, weights) per batch; batches hold texts of similar length (fewer pad tokens).
+
+        ``prefetch`` (default: on with CUDA) tokenises the next batch in a thread, into pinned memory, while the
+        device computes this one; the batches and the weights are the same either way."""
         from tqdm.auto import tqdm
 
         was_training = self.training
         self.eval()
         lengths = [len(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         use_bf16 = resolve_bf16(bf16, self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        cuda = self.device.type == "cuda"
+
+        def tokens(positions: list[int]) -> dict[str, torch.Tensor]:
+            enc = self.tokenize([texts[i] for i in positions], max_length, device=None)
+            return {k: v.pin_memory() for k, v in enc.items()} if cuda else enc
+
+        pool = None
+        if (cuda if prefetch is None else prefetch) and len(batches) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="lsr-run-tokenize")
         bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None, mininterval=2)
         try:
-            for start in range(0, len(order), batch_size):
-                positions = order[start:start + batch_size]
+            ahead = pool.submit(tokens, batches[0]) if pool else None
+            for k, positions in enumerate(batches):
+                enc = ahead.result() if pool else tokens(positions)
+                if pool and k + 1 < len(batches):
+                    ahead = pool.submit(tokens, batches[k + 1])
+                enc = {key: v.to(self.device, non_blocking=True) for key, v in enc.items()}
                 with autocast:
-                    weights = self.encode_batch([texts[i] for i in positions], max_length)
+                    weights = self(enc["input_ids"], enc["attention_mask"])
                 yield positions, weights.float()
                 bar.update(len(positions))
         finally:
             bar.close()
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
             self.train(was_training)
 
     # ------------------------------------------------------------ persistence
