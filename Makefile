@@ -109,6 +109,10 @@ gpu-check-prepare: $(STAMP) ## .gpu/: data, BM25 candidates run file, fp16 weigh
 gpu-check-rehearsal: gpu-check-prepare ## the GPU check on this CPU (4 steps, adi, quick bench) with Java's and Pyserini's modules unimportable
 	$(PY) scripts/gpu_check.py run --quick --block-missing
 
+.PHONY: rerank
+rerank: $(STAMP) ## a teacher as a reranker of BM25's top 100 on scifact/cranfield/cisi test (TEACHER=bi_encoder; ~10 min on 2 cores)
+	$(PY) scripts/rerank.py --teacher $(or $(TEACHER),bi_encoder)
+
 .PHONY: bench-gpu
 bench-gpu: $(STAMP) ## encode and train step on CUDA at GPU sizes beside sentence-transformers, each as a share of the card's measured bf16 matmul rate
 	$(PY) scripts/bench.py --device cuda --sections encode,train --out outputs/bench/bench_gpu.json $(BENCH_ARGS)

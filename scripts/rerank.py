@@ -1,0 +1,76 @@
+"""A teacher measured as a reranker: BM25's top ``depth`` per test query, re-scored by the teacher, nDCG@10 of both.
+
+A student distilled from a teacher's scores can hardly rank better than the teacher ranks the same candidates, so a
+teacher is worth using only where it reranks BM25's candidates better than BM25 orders them. This prints, per
+dataset, BM25's nDCG@10 and the teacher's over the same candidates (scored with ranx, as every lsr-run metric)
+and writes them to a JSON.
+
+    python scripts/rerank.py [--teacher bi_encoder] [--datasets scifact,cranfield,cisi] [--depth 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "LSR_DATA_DIR": str(ROOT.parent / "shared" / "data")}.items():
+    os.environ.setdefault(key, value)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="bi_encoder", help="a conf/teacher option (default: %(default)s)")
+    p.add_argument("--datasets", default="scifact,cranfield,cisi")
+    p.add_argument("--depth", type=int, default=100, help="BM25 candidates per query (default: %(default)s)")
+    p.add_argument("--metrics", default="ndcg@10,recall@100")
+    p.add_argument("--out", type=Path, default=None, help="JSON (default: outputs/rerank/<teacher>.json)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lsr_run.backends.lucene import LuceneBm25Backend
+    from lsr_run.data import read_trec_run
+    from lsr_run.evaluation import evaluate_run
+    from lsr_run.pipeline import EvalDataset, load_spec
+
+    node = OmegaConf.load(ROOT / "conf" / "teacher" / f"{args.teacher}.yaml")
+    node.cache_dir = None
+    teacher = instantiate(node)
+    metrics = args.metrics.split(",")
+    out = args.out or ROOT / "outputs" / "rerank" / f"{args.teacher}.json"
+    work = out.parent / "work"
+    result = {"teacher": OmegaConf.to_container(node), "depth": args.depth, "datasets": {}}
+    for name in args.datasets.split(","):
+        ds = load_spec(EvalDataset(name=name, split="test"), os.environ["LSR_DATA_DIR"], None)
+        queries = ds.judged_queries()
+        bm25 = LuceneBm25Backend(k1=0.9, b=0.4)
+        index = work / f"bm25-{name}"
+        if not index.exists():
+            bm25.build_from_corpus(ds.corpus, index)
+        run_path = work / f"bm25-{name}-top{args.depth}.trec"
+        bm25.search_text(index, queries, args.depth, run_path)
+        run = read_trec_run(run_path)
+        start = time.time()
+        scores = teacher.compute(queries, ds.corpus, {q: list(docs) for q, docs in run.items()})
+        seconds = time.time() - start
+        entry = {"queries": len(queries), "teacher_seconds": seconds,
+                 "bm25": evaluate_run(ds.qrels, run, metrics)[0],
+                 "teacher": evaluate_run(ds.qrels, scores, metrics)[0]}
+        result["datasets"][name] = entry
+        print(f"{name}: BM25 {entry['bm25']['ndcg@10']:.4f}, {args.teacher} over BM25's top {args.depth} "
+              f"{entry['teacher']['ndcg@10']:.4f} (nDCG@10; {len(queries)} queries, {seconds:.0f} s)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"figures: {out}")
+
+
+if __name__ == "__main__":
+    main()
