@@ -78,3 +78,29 @@ def test_lengths_and_precision_have_one_home_in_encode():
     demo = _compose(["experiment=demo", "encode.doc_max_length=128"])
     assert structured(TrainSpec, demo.train, "train").doc_max_length == 192  # the recipe's own value stays
     assert structured(TrainSpec, demo.train, "train").query_max_length == demo.encode.query_max_length
+
+
+def test_false_switches_off_whatever_form_it_reaches_the_code_in():
+    """``bf16=false`` from the command line reaches a ``str`` field as "False" (bool("False") is True): it must
+    switch bf16 off on every device; a value other than auto/true/false is refused with its key."""
+    import torch
+
+    from lsr_run.encoding import EncodeSpec
+    from lsr_run.errors import ConfigError
+    from lsr_run.models.splade import resolve_bf16, switch
+
+    cfg = _compose(["train.bf16=false", "encode.bf16=false", "train.prefetch=false"])
+    train = structured(TrainSpec, cfg.train, "train")
+    encode = structured(EncodeSpec, cfg.encode, "encode")
+    for device in ("cpu", "cuda"):
+        assert resolve_bf16(train.bf16, torch.device(device)) is False
+        assert resolve_bf16(encode.bf16, torch.device(device)) is False
+        assert switch(train.prefetch, True) is False
+    cfg = _compose(["train.bf16=true", "train.prefetch=true"])
+    train = structured(TrainSpec, cfg.train, "train")
+    assert resolve_bf16(train.bf16, torch.device("cpu")) is True and switch(train.prefetch, False) is True
+    assert switch("auto", True) is True and switch(None, False) is False
+    with pytest.raises(ConfigError, match="train.bf16=yes: allowed auto, true, false"):
+        structured(TrainSpec, _compose(["train.bf16=yes"]).train, "train").validate()
+    with pytest.raises(ConfigError, match="encode.bf16=on: allowed auto, true, false"):
+        structured(EncodeSpec, _compose(["encode.bf16=on"]).encode, "encode")

@@ -18,7 +18,7 @@ import torch
 
 from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
                       write_vectors)
-from .models.splade import SpladeEncoder
+from .models.splade import SpladeEncoder, switch
 from . import interrupt
 from .run_dir import EncodedCorpus, atomic_path, write_error, write_json
 
@@ -36,6 +36,9 @@ class EncodeSpec:
     query_max_length: int = 64
     bf16: str = "auto"
     shard_size: int = 100_000  # docs per shard at most; 0: no limit (shards = indexing threads)
+
+    def __post_init__(self) -> None:
+        switch(self.bf16, False, "encode.bf16")
 
 
 def encode_texts(encoder: SpladeEncoder, texts: list[str], max_length: int, batch_size: int, bf16,

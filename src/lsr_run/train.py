@@ -28,19 +28,11 @@ import torch
 
 from .errors import ConfigError, LsrError
 from .losses import RankingLoss, ScoredBatch
-from .models.splade import SpladeEncoder, resolve_bf16
+from .models.splade import SpladeEncoder, resolve_bf16, switch
 from .run_dir import RunDir, atomic_path, write_json
 from .sampling import item_rng
 
 log = logging.getLogger(__name__)
-
-
-AUTO_SWITCH = ("auto", "true", "false", "True", "False")
-
-
-def on_cuda(setting, device: torch.device) -> bool:
-    """An auto | true | false switch whose auto means: on with CUDA."""
-    return device.type == "cuda" if str(setting) == "auto" else str(setting).lower() == "true"
 
 
 @dataclass
@@ -79,11 +71,12 @@ class TrainSpec:
         checks = {"batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
                   "max_steps": self.max_steps >= 1, "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
                   "weight_decay": self.weight_decay >= 0, "log_every": self.log_every >= 1,
-                  "save_every": self.save_every >= 1, "nonfinite": self.nonfinite in ("skip", "stop"),
-                  "prefetch": str(self.prefetch) in AUTO_SWITCH}
+                  "save_every": self.save_every >= 1, "nonfinite": self.nonfinite in ("skip", "stop")}
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: out of range")
+        for key in ("bf16", "prefetch"):
+            switch(getattr(self, key), False, f"train.{key}")
 
 
 @dataclass
@@ -281,13 +274,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                                            fused=encoder.device.type == "cuda" or None)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, spec.warmup_steps, spec.max_steps)
-        self.bf16 = resolve_bf16(spec.bf16, encoder.device)
+        self.bf16 = resolve_bf16(spec.bf16, encoder.device, "train.bf16")
         self.step = 0
         self.nonfinite = 0
         self.bad_checks = 0
         self.collapsed: dict | None = None
         self._prefetch = None
-        if on_cuda(spec.prefetch, encoder.device):
+        if switch(spec.prefetch, encoder.device.type == "cuda", "train.prefetch"):
             from concurrent.futures import ThreadPoolExecutor
 
             self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="lsr-run-batches")

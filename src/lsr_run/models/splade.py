@@ -20,7 +20,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -30,10 +29,26 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def resolve_bf16(setting, device: torch.device) -> bool:
-    if setting in ("auto", None):
-        return bf16_supported(device)
-    return bool(setting)
+def is_auto(setting) -> bool:
+    return setting is None or str(setting).lower() == "auto"
+
+
+def switch(setting, auto: bool, key: str = "setting") -> bool:
+    """An ``auto | true | false`` setting -> bool: a bool, or its text in any case (a config's ``false`` reaches a
+    ``str`` field as ``"False"``, which ``bool()`` would read as true); ``auto`` gives ``auto``."""
+    if is_auto(setting):
+        return auto
+    text = str(setting).lower()
+    if text not in ("true", "false"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{key}={setting}: allowed auto, true, false")
+    return text == "true"
+
+
+def resolve_bf16(setting, device: torch.device, key: str = "bf16") -> bool:
+    """bf16 autocast on or off: ``auto`` is on where the device computes bf16 natively (CUDA, AMX/AVX512-BF16)."""
+    return bf16_supported(device) if is_auto(setting) else switch(setting, False, key)
 
 
 def splade_pool(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
