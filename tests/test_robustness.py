@@ -96,7 +96,7 @@ def _experiment(overrides, tmp_path):
     (["train.lr=-1"], "train.lr=-1.0: out of range"),
     (["train.batch_size=abc"], "train.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     (["head_scaling=constant", "head_scaling.k=0"], "head_scaling.k=0: must be > 0"),
-    (["sampling.num_negatives=80"], "sampling.num_negatives=80 is larger than the candidate pool (candidates.depth=50)"),
+    (["sampling.num_negatives=80"], "sampling.num_negatives=80 is larger than the candidate pool (candidates.depth=50 + candidates.random=0)"),
     (["loss=kl_div"], "needs teacher scores but teacher=none"),
     (["loss=kl_infonce"], "needs teacher scores but teacher=none"),  # a weighted sum needs what its parts need
     (["loss=margin_mse", "loss._target_=torch.nn.L1Loss"], "loss: torch.nn.L1Loss is not a ranking loss"),

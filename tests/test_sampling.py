@@ -86,3 +86,45 @@ def test_sampling_stats_are_recorded_where_the_run_directory_says(tmp_path):
     assert stats["queries"] == 3 and stats["sampler"] == "TopKSampler"
     assert stats["teacher_variance"] == pytest.approx(np.var(SCORES[:4]))
     assert run.sampling_plot.is_file()
+
+
+def test_random_documents_from_the_whole_corpus_extend_each_pool():
+    """``candidates.random``: N more documents per query, none a positive or already pooled, a function of the
+    query id and the pool seed alone (every sampler and training seed sees the same pool)."""
+    from lsr_run.candidates import CandidateSource, add_random
+    from lsr_run.data import Corpus
+
+    corpus = Corpus.from_dicts({}, {f"d{i}": f"text {i}" for i in range(500)})
+    positives = {"q1": ["d0"], "q2": ["d1", "d2"], "q3": ["d3"]}
+    pools = {"q1": ["d5", "d6"], "q2": ["d7"], "q3": ["d8"]}
+    got = add_random(pools, positives, corpus, 100)
+    for q, pool in got.items():
+        assert pool[: len(pools[q])] == pools[q] and len(pool) == len(pools[q]) + 100
+        assert len(set(pool)) == len(pool) and not set(pool) & set(positives[q]) and set(pool) <= set(corpus)
+    assert got == add_random(pools, positives, corpus, 100)
+    assert add_random({"q1": pools["q1"]}, positives, corpus, 100)["q1"] == got["q1"]  # other queries do not matter
+    assert add_random(pools, positives, corpus, 100, seed=1)["q1"] != got["q1"]
+    assert got["q1"][2:] != got["q2"][1:]
+    whole = add_random({"q1": ["d5"]}, positives, corpus, 10_000)["q1"]  # more than the corpus holds
+    assert sorted(whole) == sorted(d for d in corpus if d != "d0")
+    assert add_random(pools, positives, corpus, 0) is pools
+    with pytest.raises(ConfigError, match="candidates.random=-1"):
+        CandidateSource(random=-1)
+
+
+def test_the_random_pool_key_leaves_older_records_valid():
+    """``candidates.random`` at 0 is left out of the training key and the run identity, so a run recorded before
+    the key existed still matches; any other value is part of both."""
+    from omegaconf import OmegaConf
+
+    from lsr_run import provenance as prov
+    from lsr_run.pipeline import _identity
+
+    old = {"candidates": {"depth": 50}, "train": {"lr": 1e-4, "log_every": 5}, "seed": 1}
+    now = {"candidates": {"depth": 50, "random": 0}, "train": {"lr": 1e-4, "log_every": 9}, "seed": 1}
+    more = {"candidates": {"depth": 50, "random": 100}, "train": {"lr": 1e-4}, "seed": 1}
+    key = prov.digest(prov.train_inputs(old, "x"))
+    assert prov.digest(prov.train_inputs(now, "x")) == key
+    assert prov.differences(prov.train_inputs(old, "x"), prov.train_inputs(more, "x")) == ["candidates.random"]
+    assert _identity(OmegaConf.create(old)) == _identity(OmegaConf.create(now))
+    assert _identity(OmegaConf.create(more)) != _identity(OmegaConf.create(now))

@@ -1,6 +1,11 @@
 """Candidate pools for training queries: BM25 top-N (Pyserini/Anserini), a TREC run file, or a teacher file.
 
-A pool is a ranked list of document ids with the query's positives removed (positives are kept apart).
+A pool is a ranked list of document ids with the query's positives removed (positives are kept apart). Every
+source takes ``random: N``: N more documents drawn uniformly from the whole corpus, appended after the ranked
+ones (the pool of "Beyond Hard Negatives": a retriever's top 100 plus 100 random documents), so that the teacher's
+scores over a pool span from near-positives to unrelated documents. The draw is a function of the query id and
+``random_seed`` alone: every sampler, loss and training seed sees the same pool, and a teacher's cached scores
+serve them all.
 """
 
 from __future__ import annotations
@@ -42,15 +47,55 @@ def _finish(pools: Pools, positives: dict[str, list[str]], corpus, source: str) 
     return out
 
 
+def add_random(pools: Pools, positives: dict[str, list[str]], corpus, n: int, seed: int = 0) -> Pools:
+    """Each pool followed by ``n`` documents drawn uniformly, without replacement, from the whole corpus (none
+    of the query's positives, none already in its pool); drawn from ``item_rng(seed, 0, query id)``."""
+    if n <= 0:
+        return pools
+    from .sampling import item_rng
+
+    import pyarrow as pa
+
+    ids = corpus.table.column("id")
+    size = len(ids)
+    out = {}
+    for qid, pool in pools.items():
+        taken = set(pool) | set(positives.get(qid, ()))
+        rng = item_rng(seed, 0, f"random-candidates:{qid}")
+        # n + |taken| distinct rows always hold n new documents (or every new one the corpus has)
+        rows = rng.choice(size, size=min(size, n + len(taken)), replace=False)
+        extra = [doc for doc in ids.take(pa.array(rows, pa.int64())).to_pylist() if doc not in taken]
+        out[qid] = pool + extra[:n]
+    return out
+
+
 @dataclass
-class Bm25Candidates:
+class CandidateSource:
+    """What every source shares: ``random`` documents from the whole corpus appended to each ranked pool."""
+
     depth: int = 100
-    k1: float = 0.9
-    b: float = 0.4
+    random: int = 0
+    random_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise ConfigError(f"candidates.depth={self.depth}: must be >= 1")
+        if self.random < 0:
+            raise ConfigError(f"candidates.random={self.random}: must be >= 0")
+
+    @property
+    def size(self) -> int:
+        """The most candidates a query's pool can hold."""
+        return self.depth + self.random
+
+    def finish(self, pools: Pools, positives: dict[str, list[str]], corpus, source: str) -> Pools:
+        return add_random(_finish(pools, positives, corpus, source), positives, corpus, self.random, self.random_seed)
+
+
+@dataclass
+class Bm25Candidates(CandidateSource):
+    k1: float = 0.9
+    b: float = 0.4
 
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
         from .backends.lucene import LuceneBm25Backend
@@ -66,28 +111,26 @@ class Bm25Candidates:
             backend.search_text(index, {q: dataset.queries[q] for q in positives}, self.depth + extra, run_path)
         pools = {q: [d for d in ranked if d not in positives[q]][: self.depth]
                  for q, ranked in _rank(read_trec_run(run_path), self.depth + 1000).items()}
-        return _finish(pools, positives, dataset.corpus, "BM25")
+        return self.finish(pools, positives, dataset.corpus, "BM25")
 
 
 @dataclass
-class RunFileCandidates:
+class RunFileCandidates(CandidateSource):
     path: str = ""
-    depth: int = 100
 
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
         if not self.path or not Path(self.path).exists():
             raise ConfigError(f"candidates.path={self.path!r}: TREC run file not found")
-        return _finish(_rank_table(run_table(Path(self.path)), positives, self.depth), positives,
-                       dataset.corpus, self.path)
+        return self.finish(_rank_table(run_table(Path(self.path)), positives, self.depth), positives,
+                           dataset.corpus, self.path)
 
 
 @dataclass
-class TeacherFileCandidates:
+class TeacherFileCandidates(CandidateSource):
     """Candidates present in a teacher file (score pickle/TSV, or msmarco-hard-negatives.jsonl)."""
 
     path: str = ""
     format: str = "auto"
-    depth: int = 100
     systems: list | None = None
 
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
@@ -98,4 +141,4 @@ class TeacherFileCandidates:
             pools = {q: p[: self.depth] for q, p in pools.items()}
         else:
             pools = _rank_table(score_table(Path(self.path), self.format), positives, self.depth)
-        return _finish(pools, positives, dataset.corpus, self.path)
+        return self.finish(pools, positives, dataset.corpus, self.path)

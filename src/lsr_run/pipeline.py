@@ -192,10 +192,11 @@ class Experiment:
             if self.loss.needs_teacher and not self.teacher.enabled:
                 raise ConfigError(f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} needs teacher scores but teacher=none; "
                                   "choose teacher=bi_encoder|cross_encoder|file or a loss without teacher (infonce)")
-            depth = getattr(self.candidates, "depth", None)
-            if depth is not None and self.sampler.num_negatives > depth:
+            size = getattr(self.candidates, "size", None)
+            if size is not None and self.sampler.num_negatives > size:
                 raise ConfigError(f"sampling.num_negatives={self.sampler.num_negatives} is larger than the candidate "
-                                  f"pool (candidates.depth={depth})")
+                                  f"pool (candidates.depth={self.candidates.depth} + "
+                                  f"candidates.random={self.candidates.random})")
         self.timer = Timer()
         self._encoder: SpladeEncoder | None = None
         self._datasets: dict[str, Dataset] = {}
@@ -526,7 +527,9 @@ def _identity(cfg: DictConfig) -> dict:
     for key in IGNORED_FOR_IDENTITY:
         data.pop(key, None)
     for key in prov.TRAIN_NEUTRAL:  # cadence and prefetch: a run made with other values has the same results
-        (data.get("train") or {}).pop(key, None)
+        prov.drop(data, f"train.{key}")
+    for key, value in prov.INERT_DEFAULTS.items():  # keys newer than the run, at the value it ran with
+        prov.drop(data, key, value, always=False)
     return data
 
 

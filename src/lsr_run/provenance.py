@@ -23,6 +23,9 @@ TRAIN_SECTIONS = ("backbone", "head_scaling", "candidates", "teacher", "sampling
                   "seed")
 # train.* keys that change how a result is computed or logged, not what it is
 TRAIN_NEUTRAL = ("log_every", "save_every", "prefetch")  # the model is the same whatever these are
+# keys added after runs were recorded without them: at this value they are left out of the record, so a run
+# finished before the key existed still matches (candidates.random=0 is the pool such a run trained on)
+INERT_DEFAULTS = {"candidates.random": 0, "candidates.random_seed": 0}
 
 
 def digest(obj: Any) -> str:
@@ -105,17 +108,23 @@ def differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def drop(tree: dict, dotted: str, only_if: Any = None, always: bool = True) -> None:
+    """Remove a dotted key from nested dicts (always, or only when it holds ``only_if``)."""
+    *parents, last = dotted.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node and (always or node[last] == only_if):
+        del node[last]
+
+
 def train_inputs(cfg: dict, data_key: str) -> dict:
     """What a trained model is a function of: the training config (minus logging cadence) and the data."""
-    inputs = {k: cfg.get(k) for k in TRAIN_SECTIONS}
-    train = json.loads(json.dumps(inputs.get("train") or {}))
+    inputs = json.loads(json.dumps({k: cfg.get(k) for k in TRAIN_SECTIONS}, default=str))
+    inputs["train"] = inputs.get("train") or {}
     for dotted in TRAIN_NEUTRAL:
-        node = train
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(last, None)
-    inputs["train"] = train
+        drop(inputs, f"train.{dotted}")
+    for dotted, value in INERT_DEFAULTS.items():
+        drop(inputs, dotted, value, always=False)
     inputs["data"] = {"config": cfg.get("data", {}).get("train"), "content": data_key}
     return inputs
