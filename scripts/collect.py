@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Collect a sweep (or run directories) into one table: table.md, table.csv, table.tex and table.png.
+"""Collect a sweep (or run directories) into one table: table.md, table.csv, table.tex, table.png and source.md
+(the command, the commit and the runs' commits and machines).
 
     scripts/collect.py outputs/sweeps/demo/2026-01-01_00-00-00 --baseline 0
     scripts/collect.py outputs/bm25-local outputs/demo-try1 --include-baselines --baseline bm25 --out tables/
+    scripts/collect.py outputs/tables/sampling_cpu --seeds --baseline topk_kl_div --baseline random_kl_div
 
 Rows are labelled by the config choices that differ between runs; failed, unfinished and collapsed runs stay
 in the table, marked. The logic lives in lsr_run.collect.
@@ -11,11 +13,14 @@ in the table, marked. The logic lives in lsr_run.collect.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from lsr_run.collect import LABEL_SOURCES, STAT_TESTS, build_table, load_records, to_markdown, write_outputs
+from lsr_run.collect import (LABEL_SOURCES, STAT_TESTS, build_table, load_records, source_note, to_markdown,
+                             write_outputs)
 from lsr_run.errors import LsrError
+from lsr_run.run_dir import write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", type=Path, help="a Hydra multirun directory, or run directories")
     parser.add_argument("--out", type=Path, help="output folder (default: <path>/collected for one path)")
     parser.add_argument("--metric", default="ndcg@10", help="ranx metric name shown per dataset (default ndcg@10)")
-    parser.add_argument("--baseline", help="row to test the others against: its index, label or folder name")
+    parser.add_argument("--baseline", action="append",
+                        help="row to test the others against: its index, label or folder name; repeatable (each "
+                             "baseline then has a letter, and marks name it)")
+    parser.add_argument("--seeds", action="store_true",
+                        help="one row per set of runs that differ only in their seed: mean ± standard deviation, "
+                             "tested on per-query values averaged over the seeds")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     parser.add_argument("--bonferroni", action="store_true",
                         help="divide alpha by the number of rows compared with the baseline")
@@ -43,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.out is None:
         if len(args.paths) != 1:
@@ -50,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.out = args.paths[0] / "collected"
     try:
-        records = load_records(args.paths, include_baselines=args.include_baselines, label_from=args.label_from)
+        records = load_records(args.paths, include_baselines=args.include_baselines, label_from=args.label_from,
+                               seeds=args.seeds)
         table = build_table(records, metric=args.metric, baseline=args.baseline, alpha=args.alpha,
                             bonferroni=args.bonferroni, test=args.test, recompute=args.recompute,
                             extras=args.extra)
         paths = write_outputs(table, args.out)
+        paths["source"] = args.out / "source.md"
+        write_text(paths["source"], source_note(records, " ".join(["scripts/collect.py", *map(shlex.quote, argv)])))
     except LsrError as e:
         print(f"collect: {e}", file=sys.stderr)
         return 2

@@ -293,6 +293,14 @@ def test_collect_cli_writes_next_to_a_single_sweep(tmp_path, tiny_dataset, capsy
     out = capsys.readouterr().out
     assert "| regularizer=flops | **1.0000↑** |" in out
     assert (sweep / "collected" / "table.md").exists()
+    source = (sweep / "collected" / "source.md").read_text()  # the command, the commit, the runs' commits
+    assert f"`scripts/collect.py {sweep} --baseline 0 --metric mrr@10`" in source
+    assert "- Collected at commit " in source and "- 2 run directories, made at commit(s): unknown." in source
+    (sweep / "1" / "meta.json").write_text(json.dumps({"git": {"sha": "0123456789abcdef", "dirty": False},
+                                                       "hardware": {"cpu": "AMD EPYC", "cpus": 2}}))
+    assert cli["main"]([str(sweep), "--seeds"]) == 0
+    source = (sweep / "collected" / "source.md").read_text()
+    assert "made at commit(s): unknown, 0123456789ab." in source and "AMD EPYC, 2 cores" in source
     assert cli["main"]([str(sweep), str(sweep / "0")]) == 2  # several paths need --out
     assert cli["main"]([str(sweep), "--baseline", "nope"]) == 2
 
@@ -420,3 +428,61 @@ def test_a_failed_sweep_run_record_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     run = tmp_path / "out" / "broken"
     assert list(run.iterdir()) == []  # no half-written failed.json, no temporary file left behind
+
+
+def test_seeds_of_one_config_become_one_row_with_std_tested_against_two_baselines(tmp_path, tiny_dataset):
+    """``seeds=True``: runs differing only in ``seed`` are one row (mean ± sample std over the seeds; the test on
+    per-query values averaged over the seeds), tested against top-K (a) and random (b) at once."""
+    import statistics
+
+    ranks = {"topk": lambda i, s: 2 + (i + s) % 5, "random": lambda i, s: 1 if (i + s) % 3 == 0 else 3,
+             "stratified": lambda i, s: 1 if (i + s) % 10 else 2}
+    sweep = tmp_path / "sweep"
+    for name, rank in ranks.items():
+        for seed in (1, 2, 3):
+            failed = "killed" if (name, seed) == ("random", 3) else None
+            make_run(sweep / f"{name}_s{seed}", [f"sampling={name}", f"seed={seed}"],
+                     None if failed else {i: rank(i, seed) for i in range(QUERIES)}, tiny_dataset,
+                     config={"sampling": {"name": name}, "seed": seed}, failed=failed)
+    records = load_records([sweep], seeds=True)
+    assert [r.label for r in records] == ["sampling=random", "sampling=stratified", "sampling=topk"]  # folder order
+    RANDOM, STRAT, TOPK = 0, 1, 2
+    table = build_table(records, baseline=["sampling=topk", "sampling=random"])
+    assert table.baselines == [TOPK, RANDOM] and [r.seeds for r in table.rows] == ["2/3", "3", "3"]
+    assert "random_s3: failed (DataError: killed)" in records[RANDOM].error
+
+    per_seed = [json.loads((sweep / f"stratified_s{s}" / "metrics.json").read_text())[DATASET]["ndcg@10"]
+                for s in (1, 2, 3)]
+    strat = table.rows[STRAT]
+    assert strat.values[DATASET] == pytest.approx(statistics.mean(per_seed))
+    assert strat.stds[DATASET] == pytest.approx(statistics.stdev(per_seed))
+    assert strat.mean == strat.values[DATASET] and strat.mean_std == pytest.approx(statistics.stdev(per_seed))
+    two = [json.loads((sweep / f"random_s{s}" / "metrics.json").read_text())[DATASET]["ndcg@10"] for s in (1, 2)]
+    assert table.rows[RANDOM].values[DATASET] == pytest.approx(statistics.mean(two))  # the failed seed is left out
+
+    from lsr_run.collect import per_query_scores
+
+    averaged = per_query_scores(records[STRAT], DATASET, "ndcg@10")
+    members = [json.loads((sweep / f"stratified_s{s}" / "per_query" / f"{DATASET}.json").read_text())
+               for s in (1, 2, 3)]
+    assert averaged == pytest.approx({q: statistics.mean(m[q]["ndcg@10"] for m in members) for q in members[0]})
+    topk = per_query_scores(records[TOPK], DATASET, "ndcg@10")
+    assert strat.p_by[TOPK][DATASET] == pytest.approx(paired_test(topk, averaged))
+    assert strat.marks_by == {TOPK: {DATASET: BETTER}, RANDOM: {DATASET: BETTER}} and strat.marks == {DATASET: BETTER}
+    assert table.rows[TOPK].marks_by[RANDOM] == {DATASET: WORSE}  # top-K below random
+
+    markdown = to_markdown(table)
+    line = next(x for x in markdown.splitlines() if x.startswith("| sampling=stratified"))
+    assert f"{strat.values[DATASET]:.4f} ± {strat.stds[DATASET]:.4f}↑a↑b" in line and "| 3 |" in line
+    assert "sampling=topk (baseline a)" in markdown and "sampling=random (baseline b)" in markdown
+    assert "↑x/↓x: significantly better/worse than baseline x (a: 'sampling=topk', b: 'sampling=random')" in markdown
+    rows = list(csv.DictReader(io.StringIO(to_csv(table))))
+    assert rows[STRAT]["seeds"] == "3" and float(rows[STRAT][f"{DATASET} std"]) == pytest.approx(strat.stds[DATASET])
+    assert rows[STRAT][f"{DATASET} sig"] == BETTER and rows[STRAT][f"{DATASET} sig (b)"] == BETTER
+    assert rows[TOPK][f"{DATASET} sig"] == "baseline" and rows[RANDOM][f"{DATASET} sig (b)"] == "baseline"
+    latex = to_latex(table)
+    assert r"$\pm$" in latex and r"$^{\uparrow a\uparrow b}$" in latex
+    write_outputs(table, tmp_path / "out")  # the chart draws the standard deviations as error bars
+    assert (tmp_path / "out" / "table.png").stat().st_size > 0
+    # without seeds=True every run is its own row, labelled with its seed
+    assert len(load_records([sweep])) == 9

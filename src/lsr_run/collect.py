@@ -14,6 +14,11 @@ Invariants:
 - Tests: ranx's paired Student t-test (what ``ranx.compare(stat_test="student")`` runs) or its Fisher
   randomisation test, on the queries both runs answered, two-sided, p < alpha; with Bonferroni, alpha is
   divided by the number of rows compared with the baseline in that column.
+- With ``seeds=True``, runs whose configs differ only in ``seed`` become one row: each cell is the mean over the
+  seeds with its sample standard deviation, and the test compares per-query values averaged over the seeds
+  (on the queries every seed answered), so a query counts once whatever the number of seeds.
+- Several baselines (e.g. top-K and random) test every row against each; with more than one, each baseline
+  has a letter and a mark names it (``↑a``: significantly better than baseline a).
 - Row labels are the config choices that differ between runs: the Hydra overrides
   (``.hydra/overrides.yaml``) when every run has them, else the differing keys of the resolved
   ``config.yaml``.
@@ -64,6 +69,8 @@ class RunRecord:
     baseline_name: str | None = None
     parent: "RunRecord | None" = None
     label: str = ""
+    members: list["RunRecord"] = field(default_factory=list)  # a row of several seeds: its runs
+    stds: dict = field(default_factory=dict)  # dataset -> {metric: std over the seeds}
 
     @property
     def run(self) -> RunDir:
@@ -157,9 +164,13 @@ def load_baselines(record: RunRecord) -> list[RunRecord]:
     return out
 
 
-def load_records(paths: list[Path], include_baselines: bool = False, label_from: str = "auto") -> list[RunRecord]:
-    """Run records in the given order; baselines first (one row per distinct baseline result)."""
+def load_records(paths: list[Path], include_baselines: bool = False, label_from: str = "auto",
+                 seeds: bool = False) -> list[RunRecord]:
+    """Run records in the given order; baselines first (one row per distinct baseline result); with ``seeds``,
+    one record per set of runs that differ only in their seed (``group_seeds``)."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
+    if seeds:
+        runs = group_seeds(runs)
     baselines: list[RunRecord] = []
     if include_baselines:
         seen = set()
@@ -173,6 +184,62 @@ def load_records(paths: list[Path], include_baselines: bool = False, label_from:
     records = baselines + runs
     assign_labels(records, label_from)
     return records
+
+
+SEED_SUFFIX = re.compile(r"_s\d+$")
+
+
+def _without_seed(config: dict | None) -> str:
+    flat = {k: v for k, v in flatten(config or {}).items() if k != "seed" and k.split(".")[0] not in UNLABELLED_KEYS}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def group_seeds(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per set of runs whose configs differ only in ``seed`` (baselines and runs without a config stay
+    as they are), in the order of each set's first run. A set's metrics are the means over its finished runs,
+    ``stds`` their sample standard deviations; it has results if any of its runs has."""
+    groups: dict[str, list[RunRecord]] = {}
+    out: list[RunRecord | str] = []
+    for record in records:
+        if record.baseline_name is not None or record.config is None:
+            out.append(record)
+            continue
+        key = _without_seed(record.config)
+        if key not in groups:
+            groups[key] = []
+            out.append(key)
+        groups[key].append(record)
+    return [_seed_group(groups[item]) if isinstance(item, str) else item for item in out]
+
+
+def _seed_group(runs: list[RunRecord]) -> RunRecord:
+    first = runs[0]
+    done = [r for r in runs if r.status == STATUS_OK]
+    config = {k: v for k, v in (first.config or {}).items() if k != "seed"}
+    overrides = None if first.overrides is None else [o for o in first.overrides if _override_key_value(o)[0] != "seed"]
+    group = RunRecord(path=first.path.parent / SEED_SUFFIX.sub("", first.path.name), status=first.status,
+                      overrides=overrides, choices=first.choices, config=config, members=runs)
+    if done:
+        group.status = STATUS_OK
+        for d in dict.fromkeys(d for r in done for d in r.metrics):
+            keys = dict.fromkeys(k for r in done for k in r.metrics.get(d, {}))
+            for k in keys:
+                values = [r.metrics[d][k] for r in done if isinstance(r.metrics.get(d, {}).get(k), (int, float))]
+                if values:
+                    group.metrics.setdefault(d, {})[k] = sum(values) / len(values)
+                    group.stds.setdefault(d, {})[k] = _std(values)
+    flags = [r.collapsed for r in runs if r.collapsed is not None]
+    group.collapsed = any(flags) if flags else None
+    group.error = "; ".join(f"{r.path.name}: {describe_status(r.status, r.error, width=None)}"
+                            for r in runs if r.status != STATUS_OK)
+    return group
 
 
 # ---------------------------------------------------------------- labels
@@ -264,7 +331,7 @@ def assign_labels(records: list[RunRecord], label_from: str = "auto") -> None:
         elif label_from == "config":
             labels = config_labels(runs)
         else:
-            labels = [r.path.name for r in runs]
+            labels = [r.path.name for r in runs]  # a seed group's path is its first run's, without "_s<seed>"
         for run, label in zip(runs, labels):
             run.label = label or run.path.name
     baselines = [r for r in records if r.baseline_name is not None]
@@ -300,7 +367,15 @@ class QrelsCache:
 def per_query_scores(record: RunRecord, dataset: str, metric: str, recompute: bool = False,
                      cache: QrelsCache | None = None) -> dict[str, float] | None:
     """{query id: value} from ``per_query/<dataset>.json``; if the metric is not stored there and
-    ``recompute``, scored from ``runs/<dataset>.trec`` against the run's qrels. None if neither is possible."""
+    ``recompute``, scored from ``runs/<dataset>.trec`` against the run's qrels. None if neither is possible.
+    A seed group's values are its finished runs' means per query, over the queries every one of them scored."""
+    if record.members:
+        parts = [per_query_scores(m, dataset, metric, recompute, cache) for m in record.members
+                 if m.status == STATUS_OK and dataset in m.metrics]
+        if not parts or any(p is None for p in parts):
+            return None
+        common = set.intersection(*(set(p) for p in parts))
+        return {q: sum(p[q] for p in parts) / len(parts) for q in common}
     path = record.run.per_query(dataset)
     if path.exists():
         stored = json.loads(path.read_text())
@@ -363,8 +438,13 @@ class Row:
     query_terms: float | None = None
     doc_terms: float | None = None
     p_values: dict[str, float] = field(default_factory=dict)
-    marks: dict[str, str] = field(default_factory=dict)  # dataset -> BETTER / WORSE than the baseline
+    marks: dict[str, str] = field(default_factory=dict)  # dataset -> BETTER / WORSE than the (first) baseline
     extras: dict[str, float] = field(default_factory=dict)  # columns from other JSON files of the run
+    stds: dict[str, float | None] = field(default_factory=dict)  # a seed group: dataset -> std over its seeds
+    mean_std: float | None = None
+    seeds: str = ""  # a seed group: "3", or "2/3" when one of three runs has no results
+    p_by: dict[int, dict[str, float]] = field(default_factory=dict)  # baseline row -> dataset -> p
+    marks_by: dict[int, dict[str, str]] = field(default_factory=dict)  # baseline row -> dataset -> mark
 
 
 @dataclass
@@ -373,17 +453,30 @@ class Table:
     datasets: list[str]
     mean_over: list[str]
     rows: list[Row]
-    baseline: int | None = None
+    baseline: int | None = None  # the first of ``baselines``
+    baselines: list[int] = field(default_factory=list)
     alpha: float = 0.05
     test: str = "student"
     bonferroni: bool = False
     notes: list[str] = field(default_factory=list)  # what could not be tested, and why
     extra_columns: list[str] = field(default_factory=list)
 
+    @property
+    def grouped(self) -> bool:
+        return any(r.seeds for r in self.rows)
+
+    def letter(self, baseline: int) -> str:
+        """The letter naming a baseline in marks; empty when there is one baseline."""
+        return "" if len(self.baselines) < 2 else "abcdefghijklmnopqrstuvwxyz"[self.baselines.index(baseline)]
+
 
 def read_extras(record: RunRecord, extras: list[str]) -> dict[str, float]:
     """Numbers from other JSON files of a run: ``name`` (every top-level number of ``<run>/<name>.json``) or
-    ``name:key1,key2`` (those keys only)."""
+    ``name:key1,key2`` (those keys only). A seed group's numbers are its runs' means."""
+    if record.members:
+        parts = [read_extras(m, extras) for m in record.members if m.status == STATUS_OK]
+        keys = dict.fromkeys(k for p in parts for k in p)
+        return {k: _mean(p.get(k) for p in parts) for k in keys}
     out: dict[str, float] = {}
     for extra in extras:
         name, _, keys = extra.partition(":")
@@ -423,7 +516,8 @@ def resolve_baseline(rows: list[Row], choice: str | int | None) -> int | None:
     return index
 
 
-def build_table(records: list[RunRecord], metric: str = "ndcg@10", baseline: str | int | None = None,
+def build_table(records: list[RunRecord], metric: str = "ndcg@10",
+                baseline: str | int | list[str | int] | tuple | None = None,
                 alpha: float = 0.05, bonferroni: bool = False, test: str = "student",
                 recompute: bool = False, extras: list[str] | None = None) -> Table:
     if test not in STAT_TESTS:
@@ -443,28 +537,40 @@ def build_table(records: list[RunRecord], metric: str = "ndcg@10", baseline: str
                 scores[i, d] = per_query_scores(record, d, metric, recompute, cache)
                 value = _mean(scores[i, d].values()) if scores[i, d] else None
             row.values[d] = value
+            if record.members:
+                row.stds[d] = record.stds.get(d, {}).get(metric)
+        if record.members:
+            row.seeds = str(len(record.members)) if record.status == STATUS_OK and not record.error else \
+                f"{sum(m.status == STATUS_OK for m in record.members)}/{len(record.members)}"
         row.query_terms = _mean(record.metrics.get(d, {}).get("query_terms") for d in datasets)
         row.doc_terms = _mean(record.metrics.get(d, {}).get("doc_terms") for d in datasets)
         row.extras = read_extras(record, extras or [])
         rows.append(row)
     scored = [r for r in rows if any(v is not None for v in r.values.values())]
     mean_over = [d for d in datasets if scored and all(r.values.get(d) is not None for r in scored)]
-    for row in rows:
+    for row, record in zip(rows, records):
         if mean_over and all(row.values.get(d) is not None for d in mean_over):
             row.mean = _mean(row.values[d] for d in mean_over)
+            per_seed = [[m.metrics.get(d, {}).get(metric) for d in mean_over] for m in record.members]
+            row.mean_std = _std([_mean(v) for v in per_seed if all(x is not None for x in v)])
     table = Table(metric=metric, datasets=datasets, mean_over=mean_over, rows=rows, alpha=alpha, test=test,
                   bonferroni=bonferroni)
     for row in rows:
         table.extra_columns.extend(k for k in row.extras if k not in table.extra_columns)
-    table.baseline = resolve_baseline(rows, baseline)
+    choices = list(baseline) if isinstance(baseline, (list, tuple)) else [] if baseline is None else [baseline]
+    table.baselines = list(dict.fromkeys(resolve_baseline(rows, c) for c in choices))
+    table.baseline = table.baselines[0] if table.baselines else None
+    for b in table.baselines:
+        _mark_significance(table, b, records, scores, recompute, cache)
     if table.baseline is not None:
-        _mark_significance(table, records, scores, recompute, cache)
+        for row in rows:
+            row.p_values, row.marks = row.p_by.get(table.baseline, {}), row.marks_by.get(table.baseline, {})
     return table
 
 
-def _mark_significance(table: Table, records: list[RunRecord], scores: dict, recompute: bool,
+def _mark_significance(table: Table, b: int, records: list[RunRecord], scores: dict, recompute: bool,
                        cache: QrelsCache) -> None:
-    b = table.baseline
+    name = f"the baseline '{table.rows[b].label}'" if len(table.baselines) > 1 else "the baseline"
 
     def get(i: int, d: str):
         if (i, d) not in scores:
@@ -473,32 +579,55 @@ def _mark_significance(table: Table, records: list[RunRecord], scores: dict, rec
 
     for d in table.datasets:
         if table.rows[b].values.get(d) is None:
-            table.notes.append(f"{d}: the baseline has no {table.metric} for it; not tested.")
+            table.notes.append(f"{d}: {name} has no {table.metric} for it; not tested.")
             continue
         if get(b, d) is None:
-            table.notes.append(f"{d}: the baseline has no per-query {table.metric} values; not tested.")
+            table.notes.append(f"{d}: {name} has no per-query {table.metric} values; not tested.")
             continue
         with_values = [i for i, row in enumerate(table.rows) if i != b and row.values.get(d) is not None]
         compared = [i for i in with_values if get(i, d) is not None]
         missing = [table.rows[i].label for i in with_values if i not in compared]
-        if missing:
-            table.notes.append(f"{d}: no per-query {table.metric} values for {', '.join(missing)}; not tested.")
+        note = f"{d}: no per-query {table.metric} values for {', '.join(missing)}; not tested."
+        if missing and note not in table.notes:
+            table.notes.append(note)
         threshold = table.alpha / len(compared) if table.bonferroni and compared else table.alpha
         for i in compared:
             p = paired_test(get(b, d), get(i, d), table.test)
             if p is None:
                 continue
             row = table.rows[i]
-            row.p_values[d] = p
+            row.p_by.setdefault(b, {})[d] = p
             if p < threshold:
-                row.marks[d] = BETTER if row.values[d] > table.rows[b].values[d] else WORSE
+                row.marks_by.setdefault(b, {})[d] = BETTER if row.values[d] > table.rows[b].values[d] else WORSE
 
 
 # ---------------------------------------------------------------- rendering
 
 NA = "–"
 MD_MARKS = {BETTER: "↑", WORSE: "↓"}
-TEX_MARKS = {BETTER: r"$^{\uparrow}$", WORSE: r"$^{\downarrow}$"}
+TEX_ARROWS = {BETTER: r"\uparrow ", WORSE: r"\downarrow "}
+
+
+def _marks(table: Table, row: Row, column: str, arrows: dict[str, str] = MD_MARKS) -> str:
+    """A cell's marks: an arrow per baseline it differs from significantly, with the baseline's letter when the
+    table has several."""
+    return "".join(arrows[row.marks_by[b][column]] + table.letter(b) for b in table.baselines
+                   if column in row.marks_by.get(b, {}))
+
+
+def _tex_marks(table: Table, row: Row, column: str) -> str:
+    marks = _marks(table, row, column, TEX_ARROWS).strip()
+    return f"$^{{{marks}}}$" if marks else ""
+
+
+def _baseline_tag(table: Table, i: int) -> str:
+    if i not in table.baselines:
+        return ""
+    return f" (baseline {table.letter(i)})" if table.letter(i) else " (baseline)"
+
+
+def _with_std(text: str, std: float | None, digits: int = 4, pm: str = " ± ") -> str:
+    return text if std is None else f"{text}{pm}{std:.{digits}f}"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -533,26 +662,36 @@ def _best(table: Table, column: str) -> float | None:
 def _caption(table: Table, escape=lambda text: text, marks: str = "↑/↓") -> list[str]:
     lines = [escape(f"Metric: {table.metric}. Mean over: {', '.join(table.mean_over) or 'no dataset every run has'}. "
                     f"Terms: mean non-zero terms per query / document over the datasets.")]
-    if table.baseline is not None:
+    if table.grouped:
+        lines.append(escape("A row of several seeds shows the mean over its seeds ± the sample standard deviation; "
+                            "its per-query values for the tests are means over the seeds."))
+    if table.baselines:
         alpha = f"p < {table.alpha:g}" + (" with Bonferroni correction" if table.bonferroni else "")
         test = "paired t-test" if table.test == "student" else "Fisher randomisation test"
-        lines.append(marks + escape(f": significantly better/worse than '{table.rows[table.baseline].label}' "
-                                    f"({test}, {alpha})."))
+        if len(table.baselines) == 1:
+            against = f"'{table.rows[table.baseline].label}'"
+        else:
+            against = "baseline x (" + ", ".join(f"{table.letter(b)}: '{table.rows[b].label}'"
+                                                 for b in table.baselines) + ")"
+            marks = marks.replace("/", "x/") + "x"
+        lines.append(marks + escape(f": significantly better/worse than {against} ({test}, {alpha})."))
     lines += [escape(note) for note in table.notes]
     return lines
 
 
 def to_markdown(table: Table) -> str:
-    header = ["run", *table.datasets, "mean", "q terms", "d terms", *table.extra_columns, "collapsed", "status"]
+    seeds = ["seeds"] if table.grouped else []
+    header = ["run", *seeds, *table.datasets, "mean", "q terms", "d terms", *table.extra_columns, "collapsed",
+              "status"]
     best = {c: _best(table, c) for c in [*table.datasets, "mean"]}
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join([":---", *["---:"] * (len(header) - 3), ":---:", ":---"]) + "|"]
     for i, row in enumerate(table.rows):
-        cells = [row.label.replace("|", "\\|") + (" (baseline)" if i == table.baseline else "")]
+        cells = [row.label.replace("|", "\\|") + _baseline_tag(table, i)] + ([row.seeds or "1"] if seeds else [])
         for d in table.datasets:
-            text = _fmt(row.values.get(d)) + MD_MARKS.get(row.marks.get(d, ""), "")
+            text = _with_std(_fmt(row.values.get(d)), row.stds.get(d)) + _marks(table, row, d)
             cells.append(f"**{text}**" if row.values.get(d) is not None and row.values[d] == best[d] else text)
-        mean = _fmt(row.mean)
+        mean = _with_std(_fmt(row.mean), row.mean_std)
         cells.append(f"**{mean}**" if row.mean is not None and row.mean == best["mean"] else mean)
         cells += [_terms(row.query_terms), _terms(row.doc_terms),
                   *(_number(row.extras.get(c)) for c in table.extra_columns), _collapsed(row.collapsed),
@@ -564,19 +703,35 @@ def to_markdown(table: Table) -> str:
 def to_csv(table: Table) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    header = ["run", "status", "collapsed"]
+    grouped = table.grouped
+
+    def number(value: float | None, fmt: str = ".6f") -> str:
+        return "" if value is None else f"{value:{fmt}}"
+
+    def tested(b: int | None, i: int, d: str, value: float | None) -> list[str]:
+        if b is None:
+            return ["", ""]
+        return [number(table.rows[i].p_by.get(b, {}).get(d), ".3g"),
+                "baseline" if i == b and value is not None else table.rows[i].marks_by.get(b, {}).get(d, "")]
+
+    header = ["run", "status", "collapsed"] + (["seeds"] if grouped else [])
     for d in table.datasets:
-        header += [d, f"{d} p", f"{d} sig"]
-    header += ["mean", "query_terms", "doc_terms", *table.extra_columns, "path"]
+        header += [d] + ([f"{d} std"] if grouped else []) + [f"{d} p", f"{d} sig"]
+        header += [f"{d} {kind} ({table.letter(b)})" for b in table.baselines[1:] for kind in ("p", "sig")]
+    header += ["mean"] + (["mean std"] if grouped else []) + ["query_terms", "doc_terms", *table.extra_columns,
+                                                               "path"]
     writer.writerow(header)
     for i, row in enumerate(table.rows):
         cells = [row.label, describe_status(row.status, row.error, width=None),
-                 _collapsed(row.collapsed).replace(NA, "")]
+                 _collapsed(row.collapsed).replace(NA, "")] + ([row.seeds or "1"] if grouped else [])
         for d in table.datasets:
-            value, p = row.values.get(d), row.p_values.get(d)
-            cells += ["" if value is None else f"{value:.6f}", "" if p is None else f"{p:.3g}",
-                      "baseline" if i == table.baseline and value is not None else row.marks.get(d, "")]
-        cells += ["" if row.mean is None else f"{row.mean:.6f}",
+            value = row.values.get(d)
+            cells += [number(value)] + ([number(row.stds.get(d))] if grouped else [])
+            cells += tested(table.baseline, i, d, value)
+            for b in table.baselines[1:]:
+                cells += tested(b, i, d, value)
+        cells += [number(row.mean)] + ([number(row.mean_std)] if grouped else [])
+        cells += [
                   "" if row.query_terms is None else f"{row.query_terms:.2f}",
                   "" if row.doc_terms is None else f"{row.doc_terms:.2f}",
                   *("" if row.extras.get(c) is None else f"{row.extras[c]:.6g}" for c in table.extra_columns),
@@ -599,17 +754,17 @@ def to_latex(table: Table) -> str:
     lines = [r"\begin{tabular}{l" + "r" * (len(columns) - 1) + "c}", r"\toprule",
              " & ".join(["Run", *(latex_escape(c) for c in columns)]) + r" \\", r"\midrule"]
     for i, row in enumerate(table.rows):
-        label = latex_escape(row.label) + (" (baseline)" if i == table.baseline else "")
+        label = latex_escape(row.label + _baseline_tag(table, i))
         if row.status != STATUS_OK:
             label += " (" + latex_escape(row.status) + ")"
         cells = [label]
         for d in table.datasets:
             value = row.values.get(d)
-            text = latex_escape(_fmt(value, 3))
+            text = _with_std(latex_escape(_fmt(value, 3)), row.stds.get(d), 3, r" $\pm$ ")
             if value is not None and value == best[d]:
                 text = rf"\textbf{{{text}}}"
-            cells.append(text + TEX_MARKS.get(row.marks.get(d, ""), ""))
-        mean = latex_escape(_fmt(row.mean, 3))
+            cells.append(text + _tex_marks(table, row, d))
+        mean = _with_std(latex_escape(_fmt(row.mean, 3)), row.mean_std, 3, r" $\pm$ ")
         cells.append(rf"\textbf{{{mean}}}" if row.mean is not None and row.mean == best["mean"] else mean)
         cells += [latex_escape(_terms(row.query_terms)), latex_escape(_terms(row.doc_terms)),
                   *(latex_escape(_number(row.extras.get(c))) for c in table.extra_columns),
@@ -633,9 +788,11 @@ def plot_table(table: Table, path: Path) -> None:
         values = [row.mean if c == "mean" else row.values.get(c) for c in columns]
         xs = [j + (k - (len(rows) - 1) / 2) * width for j in range(len(columns))]
         label = row.label + (" (collapsed)" if row.collapsed else "")
-        bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
+        errors = [row.mean_std if c == "mean" else row.stds.get(c) for c in columns]
+        bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label,
+                      yerr=[e or 0.0 for e in errors] if any(errors) else None, capsize=2)
         for x, c, bar in zip(xs, columns, bars):
-            mark = MD_MARKS.get(row.marks.get(c, ""), "")
+            mark = _marks(table, row, c)
             if mark:
                 ax.text(x, bar.get_height(), mark, ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
@@ -643,10 +800,38 @@ def plot_table(table: Table, path: Path) -> None:
     ax.set_ylim(0, 1.1 * max([1e-9] + [v for r in rows for v in [*r.values.values(), r.mean] if v is not None]))
     if rows:
         title = None
-        if table.baseline is not None:
+        if len(table.baselines) == 1:
             title = f"↑/↓ significantly better/worse than {table.rows[table.baseline].label}"
+        elif table.baselines:
+            title = "↑x/↓x significantly better/worse than " + ", ".join(
+                f"{table.letter(b)}: {table.rows[b].label}" for b in table.baselines)
         ax.legend(fontsize=7, title=title, title_fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.22))
     fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def source_note(records: list[RunRecord], command: str) -> str:
+    """Where a table came from: the command, the commit it was collected at, and the commits, machines and dates
+    its runs were made at (from each run's meta.json)."""
+    import datetime
+
+    from .run_dir import git_state, read_json
+
+    def commit(git: dict) -> str:
+        return f"{(git.get('sha') or 'unknown')[:12]}{' (uncommitted changes)' if git.get('dirty') else ''}"
+
+    runs = [m for r in records for m in (r.members or [r]) if r.baseline_name is None]
+    commits, machines = {}, {}
+    for run in runs:
+        meta = read_json(run.run.meta) if run.run.meta.exists() else {}
+        commits[commit(meta.get("git") or {})] = None
+        hw = meta.get("hardware") or {}
+        machines[f"{hw.get('cpu') or 'CPU not recorded'}, {hw.get('cpus', '?')} cores"
+                 + (f", {', '.join(hw['gpus'])}" if hw.get("gpus") else "")] = None
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([f"# Source of this table", "", f"- Command: `{command}`",
+                       f"- Collected at commit {commit(git_state())}, {now}.",
+                       f"- {len(runs)} run directories, made at commit(s): {', '.join(commits) or 'none'}.",
+                       f"- Machines (from the runs' meta.json): {'; '.join(machines) or 'none'}.", ""])
 
 
 def write_outputs(table: Table, out_dir: Path, stem: str = "table") -> dict[str, Path]:

@@ -330,10 +330,19 @@ def git_state(cwd: Path | None = None) -> dict:
         return {"sha": None, "dirty": None}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (what ``lscpu`` prints), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def hardware() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
