@@ -42,7 +42,7 @@ lock: ## regenerate requirements.lock from pyproject.toml's ranges (pip-tools, w
 	  --no-emit-index-url --no-emit-find-links \
 	  -c $(VENV)-lock/torch-constraint.txt -o $(LOCK) pyproject.toml
 
-demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (CPU: ~18 min on 2 cores, +3 min install)
+demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (2 cores: ~18 min with AMX bf16, 60-80 min on an AMD EPYC; +4 min install)
 	$(LSR) experiment=demo
 
 bm25: $(STAMP) ## BM25 baseline (k1=0.9, b=0.4, title+text) on the local suite
@@ -58,25 +58,45 @@ clean: ## remove outputs (keeps .venv)
 	rm -rf outputs/*/ multirun/
 
 # ---------------------------------------------------------------- paper tables
+# Runs go to outputs/tables/<sweep>; the collected tables (Markdown, CSV, LaTeX, chart, source.md with the command
+# and commits) to results/<table>, which is kept in the repository. A sweep resumes: finished runs are skipped.
+# SWEEP_ARGS="--seeds 1" runs one seed first, SWEEP_ARGS="--runs demo" one recipe.
 TABLES := outputs/tables
+RESULTS := results
+SWEEP_ARGS ?=
+.PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-head-scaling table-sampling
 
-table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / inflated x16 / corrected / bias 0 runs on scifact (~30 min)
-	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu
-	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(TABLES)/head_scaling_cpu/table --baseline plain --label-from folder
+table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (~21 runs of ~7 min on 2 AMD EPYC cores)
+	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
+	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --label-from folder \
+	  --baseline plain --baseline inflate16
 
-table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives, bi-encoder teacher, on scifact (CPU, ~45 min)
-	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu
-	$(PY) scripts/collect.py $(TABLES)/sampling_cpu --out $(TABLES)/sampling_cpu/table --baseline topk_s1 --label-from folder --extra sampling_stats
+table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs of ~45 min on 2 AMD EPYC cores)
+	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu $(SWEEP_ARGS)
+	for loss in kl_div margin_mse; do \
+	  $(PY) scripts/collect.py $(TABLES)/sampling_cpu/*_$${loss}_s* --out $(RESULTS)/sampling_cpu_$$loss --seeds \
+	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
+	done
+
+table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) beside BM25 on scifact, cranfield and cisi (~60 min a run on 2 AMD EPYC cores)
+	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_cpu/bm25
+	$(PY) scripts/sweep.py conf/sweep/ood_cpu.yaml --out $(TABLES)/ood_cpu $(SWEEP_ARGS)
+	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --label-from folder \
+	  --baseline bm25 --baseline demo
 
 table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head scaling x 3 seeds (GPU + internet, days)
 	$(LSR) stages=[inspect] backbone=bert_base_uncased hydra.run.dir=$(TABLES)/head_scaling/inspect_bert
 	REF_NORM=$$($(PY) -c "import json;print(json.load(open('$(TABLES)/head_scaling/inspect_bert/inspect.json'))['options']['configured']['head']['decoder_frobenius'])") \
-	  $(PY) scripts/sweep.py conf/sweep/head_scaling_paper.yaml --out $(TABLES)/head_scaling
-	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(TABLES)/head_scaling/table --baseline none_bert_base_uncased_s1
+	  $(PY) scripts/sweep.py conf/sweep/head_scaling_paper.yaml --out $(TABLES)/head_scaling $(SWEEP_ARGS)
+	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(RESULTS)/head_scaling --seeds --label-from folder \
+	  --baseline none_bert_base_uncased
 
 table-sampling: $(STAMP) ## the stratified-sampling table: sampler x loss x 3 seeds on MS MARCO (GPU + internet, days)
-	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling
-	$(PY) scripts/collect.py $(TABLES)/sampling --out $(TABLES)/sampling/table --baseline topk_kl_div_s1
+	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling $(SWEEP_ARGS)
+	for loss in kl_div margin_mse; do \
+	  $(PY) scripts/collect.py $(TABLES)/sampling/*_$${loss}_s* --out $(RESULTS)/sampling_$$loss --seeds \
+	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
+	done
 
 # ---------------------------------------------------------------- collected tables and expected numbers
 .PHONY: collect check-bm25 bm25-beir

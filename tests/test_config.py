@@ -80,6 +80,45 @@ def test_lengths_and_precision_have_one_home_in_encode():
     assert structured(TrainSpec, demo.train, "train").query_max_length == demo.encode.query_max_length
 
 
+SWEEPS = sorted(CONF_DIR.glob("sweep/*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_run_of_every_sweep_composes_and_builds(sweep, monkeypatch):
+    """Every override of conf/sweep/*.yaml composes in a run of its sweep, and that run's sampler, candidates,
+    teacher, loss and head scaling build (a typo in a run's overrides fails here, not hours into a sweep)."""
+    from lsr_run.sweep import plan
+
+    monkeypatch.setenv("REF_NORM", "190.3")
+    runs = plan(sweep)
+    assert runs and len({r.name for r in runs}) == len(runs)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        seen: set[str] = set()
+        for run in plan(sweep, seeds=[1]):  # seeds add only seed=N
+            if set(run.overrides) <= seen:
+                continue  # every override of this run was composed already (a grid crosses them)
+            seen |= set(run.overrides)
+            cfg = compose(config_name="run", overrides=run.overrides)
+            for group in ("sampling", "candidates", "teacher", "loss", "head_scaling", "regularizer"):
+                obj = instantiate(cfg[group])
+                assert type(obj).__name__ == str(cfg[group]._target_).rsplit(".", 1)[1], (run.name, group)
+            structured(TrainSpec, cfg.train, "train")
+            assert run.name.endswith("_s1") and cfg.seed == 1
+
+
+def test_a_sweep_runs_a_subset_of_its_runs_and_seeds():
+    from lsr_run.errors import ConfigError
+    from lsr_run.sweep import plan
+
+    sweep = CONF_DIR / "sweep" / "sampling_cpu.yaml"
+    names = [r.name for r in plan(sweep, only=["stratified"], seeds=[7])]
+    assert names == ["stratified_kl_div_s7", "stratified_margin_mse_s7"]
+    assert len(plan(sweep)) == 18
+    with pytest.raises(ConfigError, match="--runs hard: not in .*its runs: topk, random, stratified"):
+        plan(sweep, only=["hard"])
+
+
 def test_false_switches_off_whatever_form_it_reaches_the_code_in():
     """``bf16=false`` from the command line reaches a ``str`` field as "False" (bool("False") is True): it must
     switch bf16 off on every device; a value other than auto/true/false is refused with its key."""

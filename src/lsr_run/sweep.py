@@ -31,15 +31,23 @@ class PlannedRun:
     overrides: list[str]
 
 
-def plan(sweep_file: Path, extra: list[str] | None = None) -> list[PlannedRun]:
+def plan(sweep_file: Path, extra: list[str] | None = None, only: list[str] | None = None,
+         seeds: list[int] | None = None) -> list[PlannedRun]:
+    """The sweep's runs in order; ``only`` keeps the named runs (``runs:`` keys), ``seeds`` replaces the file's
+    seeds (a first pass with one seed, the rest later: finished runs are skipped on the next launch)."""
     spec = OmegaConf.to_container(OmegaConf.load(sweep_file), resolve=True)
     unknown = set(spec) - {"base", "runs", "grid", "seeds", "description"}
     if unknown:
         raise ConfigError(f"{sweep_file}: unknown keys {sorted(unknown)}; allowed base, runs, grid, seeds, description")
     base = list(spec.get("base") or []) + list(extra or [])
     runs = spec.get("runs") or {"run": []}
+    if only:
+        missing = [name for name in only if name not in runs]
+        if missing:
+            raise ConfigError(f"--runs {','.join(missing)}: not in {sweep_file} (its runs: {', '.join(runs)})")
+        runs = {name: runs[name] for name in runs if name in only}
     grid = spec.get("grid") or {}
-    seeds = spec.get("seeds") or [None]
+    seeds = seeds or spec.get("seeds") or [None]
     planned = []
     for (name, overrides), values, seed in itertools.product(runs.items(), itertools.product(*grid.values()), seeds):
         label = name
@@ -53,10 +61,11 @@ def plan(sweep_file: Path, extra: list[str] | None = None) -> list[PlannedRun]:
     return planned
 
 
-def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run: bool = False) -> list[dict]:
+def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run: bool = False,
+           only: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
     out = Path(out)
     results = []
-    for run in plan(sweep_file, extra):
+    for run in plan(sweep_file, extra, only, seeds):
         run_dir = out / run.name
         cmd = [sys.executable, "-m", "lsr_run.cli", *run.overrides, f"hydra.run.dir={run_dir}"]
         print(f"[sweep] {run.name}: lsr-run {' '.join(run.overrides)}", flush=True)
@@ -86,9 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--runs", type=lambda text: [n for n in text.split(",") if n],
+                        help="comma-separated names of the runs to launch (default: all)")
+    parser.add_argument("--seeds", type=lambda text: [int(n) for n in text.split(",") if n],
+                        help="comma-separated seeds instead of the file's (e.g. one seed first)")
     parser.add_argument("overrides", nargs="*", help="extra overrides appended to every run")
     args = parser.parse_args(argv)
-    launch(args.sweep, args.out, args.overrides, args.dry_run)
+    try:
+        launch(args.sweep, args.out, args.overrides, args.dry_run, args.runs, args.seeds)
+    except ConfigError as e:
+        parser.exit(2, f"sweep: {e}\n")
 
 
 if __name__ == "__main__":
