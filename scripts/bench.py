@@ -414,16 +414,16 @@ def bench_encode(ctx: Context) -> dict:
 
 
 # ==================================================================================== 2. training step
-def training_batch(path: Path, size: int = TRAIN_BATCH, n_negatives: int = 1) -> dict:
-    """``size`` scifact training queries, each with a judged positive and ``negatives`` seeded random unjudged
-    documents; teacher scores are fixed synthetic numbers (the benchmark times the step, it does not train)."""
+def training_batch(path: Path, n_queries: int = TRAIN_BATCH, n_negatives: int = 1) -> dict:
+    """``n_queries`` scifact training queries, each with a judged positive and ``n_negatives`` seeded random
+    unjudged documents; teacher scores are fixed synthetic numbers (the benchmark times the step, it does not train)."""
     import numpy as np
 
     ds = scifact("train")
     rng = np.random.default_rng(0)
     doc_ids = ds.corpus.ids()
     qids = sorted((q for q in ds.qrels if q in ds.queries and any(v > 0 for v in ds.qrels[q].values())),
-                  key=lambda q: (len(q), q))[:size]
+                  key=lambda q: (len(q), q))[:n_queries]
     queries, positives, negatives, teacher = [], [], [], []
     for i, q in enumerate(qids):
         pos = next(d for d, v in ds.qrels[q].items() if v > 0)
