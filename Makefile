@@ -64,12 +64,14 @@ clean: ## remove outputs (keeps .venv)
 TABLES := outputs/tables
 RESULTS := results
 SWEEP_ARGS ?=
+# the head's norms after scaling, at initialisation (init_report.json): Frobenius and mean per-row L2 norm
+HEAD_NORMS := init_report:head.decoder_frobenius,head.row_norm_mean
 .PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-head-scaling table-sampling
 
 table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (~21 runs of ~7 min on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --label-from folder \
-	  --baseline plain --baseline inflate16
+	  --baseline plain --baseline inflate16 --extra $(HEAD_NORMS)
 
 table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs of ~45 min on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu $(SWEEP_ARGS)
@@ -89,7 +91,7 @@ table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head sc
 	REF_NORM=$$($(PY) -c "import json;print(json.load(open('$(TABLES)/head_scaling/inspect_bert/inspect.json'))['options']['configured']['head']['decoder_frobenius'])") \
 	  $(PY) scripts/sweep.py conf/sweep/head_scaling_paper.yaml --out $(TABLES)/head_scaling $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(RESULTS)/head_scaling --seeds --label-from folder \
-	  --baseline none_bert_base_uncased
+	  --baseline none_bert_base_uncased --extra $(HEAD_NORMS)
 
 table-sampling: $(STAMP) ## the stratified-sampling table: sampler x loss x 3 seeds on MS MARCO (GPU + internet, days)
 	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling $(SWEEP_ARGS)

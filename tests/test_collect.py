@@ -259,7 +259,9 @@ def test_markdown_csv_latex_and_chart_are_written(tmp_path, tiny_dataset):
     better = make_run(tmp_path / "better", ["loss=kl_div"], GOOD, tiny_dataset)
     (better / "sampling_stats.json").write_text(json.dumps({"teacher_entropy": 1.25, "sampler": "TopKSampler"}))
     broken = make_run(tmp_path / "broken", ["loss=margin_mse"], None, tiny_dataset, failed="bad & 50%_rate")
-    table = build_table(load_records([base, better, broken]), baseline=0, extras=["sampling_stats"])
+    (base / "init_report.json").write_text(json.dumps({"head": {"row_norm_mean": 1.066, "decoder_frobenius": 190.3}}))
+    table = build_table(load_records([base, better, broken]), baseline=0,
+                        extras=["sampling_stats", "init_report:head.row_norm_mean"])
     paths = write_outputs(table, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["table.csv", "table.md", "table.png",
                                                                     "table.tex"]
@@ -271,6 +273,7 @@ def test_markdown_csv_latex_and_chart_are_written(tmp_path, tiny_dataset):
     assert rows[0][f"{DATASET} sig"] == "baseline" and rows[1][f"{DATASET} sig"] == BETTER
     assert float(rows[1][DATASET]) == pytest.approx(1.0) and float(rows[1][f"{DATASET} p"]) < 0.05
     assert rows[1]["teacher_entropy"] == "1.25" and rows[0]["teacher_entropy"] == ""
+    assert rows[0]["head.row_norm_mean"] == "1.066" and rows[1]["head.row_norm_mean"] == ""  # a nested key
     assert rows[2]["status"] == "failed (DataError: bad & 50%_rate)" and rows[2][DATASET] == ""
 
     latex = paths["latex"].read_text()

@@ -472,7 +472,8 @@ class Table:
 
 def read_extras(record: RunRecord, extras: list[str]) -> dict[str, float]:
     """Numbers from other JSON files of a run: ``name`` (every top-level number of ``<run>/<name>.json``) or
-    ``name:key1,key2`` (those keys only). A seed group's numbers are its runs' means."""
+    ``name:key1,key2`` (those keys only; a dotted key reaches into nested objects: ``init_report:head.row_norm_mean``).
+    A seed group's numbers are its runs' means."""
     if record.members:
         parts = [read_extras(m, extras) for m in record.members if m.status == STATUS_OK]
         keys = dict.fromkeys(k for p in parts for k in p)
@@ -486,7 +487,7 @@ def read_extras(record: RunRecord, extras: list[str]) -> dict[str, float]:
         data = json.loads(path.read_text())
         wanted = [k for k in keys.split(",") if k] or list(data)
         for key in wanted:
-            value = data.get(key)
+            value = _lookup(data, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[key] = float(value)
     return out
