@@ -483,6 +483,7 @@ def test_seeds_of_one_config_become_one_row_with_std_tested_against_two_baseline
     assert rows[STRAT]["seeds"] == "3" and float(rows[STRAT][f"{DATASET} std"]) == pytest.approx(strat.stds[DATASET])
     assert rows[STRAT][f"{DATASET} sig"] == BETTER and rows[STRAT][f"{DATASET} sig (b)"] == BETTER
     assert rows[TOPK][f"{DATASET} sig"] == "baseline" and rows[RANDOM][f"{DATASET} sig (b)"] == "baseline"
+    assert rows[STRAT]["path"] == "; ".join(str(sweep / f"stratified_s{s}") for s in (1, 2, 3))
     latex = to_latex(table)
     assert r"$\pm$" in latex and r"$^{\uparrow a\uparrow b}$" in latex
     write_outputs(table, tmp_path / "out")  # the chart draws the standard deviations as error bars

@@ -190,7 +190,9 @@ SEED_SUFFIX = re.compile(r"_s\d+$")
 
 
 def _without_seed(config: dict | None) -> str:
-    flat = {k: v for k, v in flatten(config or {}).items() if k != "seed" and k.split(".")[0] not in UNLABELLED_KEYS}
+    """A config's identity apart from its seed (and its run name, which names the output folder only)."""
+    flat = {k: v for k, v in flatten(config or {}).items()
+            if k not in ("seed", "run_name") and k.split(".")[0] not in UNLABELLED_KEYS}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -202,9 +204,9 @@ def _std(values: list[float]) -> float | None:
 
 
 def group_seeds(records: list[RunRecord]) -> list[RunRecord]:
-    """One record per set of runs whose configs differ only in ``seed`` (baselines and runs without a config stay
-    as they are), in the order of each set's first run. A set's metrics are the means over its finished runs,
-    ``stds`` their sample standard deviations; it has results if any of its runs has."""
+    """One record per set of runs whose configs differ only in ``seed`` (or ``run_name``); baselines and runs
+    without a config stay as they are. Sets come in the order of their first runs. A set's metrics are the means
+    over its finished runs, ``stds`` their sample standard deviations; it has results if any of its runs has."""
     groups: dict[str, list[RunRecord]] = {}
     out: list[RunRecord | str] = []
     for record in records:
@@ -443,6 +445,7 @@ class Row:
     stds: dict[str, float | None] = field(default_factory=dict)  # a seed group: dataset -> std over its seeds
     mean_std: float | None = None
     seeds: str = ""  # a seed group: "3", or "2/3" when one of three runs has no results
+    sources: list[Path] = field(default_factory=list)  # the run directories behind the row
     p_by: dict[int, dict[str, float]] = field(default_factory=dict)  # baseline row -> dataset -> p
     marks_by: dict[int, dict[str, str]] = field(default_factory=dict)  # baseline row -> dataset -> mark
 
@@ -531,7 +534,7 @@ def build_table(records: list[RunRecord], metric: str = "ndcg@10",
     rows = []
     for i, record in enumerate(records):
         row = Row(label=record.label, status=record.status, path=record.path, error=record.error,
-                  collapsed=record.collapsed)
+                  collapsed=record.collapsed, sources=[m.path for m in record.members] or [record.path])
         for d in datasets:
             value = record.metrics.get(d, {}).get(metric)
             if value is None and recompute and d in record.metrics:
@@ -736,7 +739,7 @@ def to_csv(table: Table) -> str:
                   "" if row.query_terms is None else f"{row.query_terms:.2f}",
                   "" if row.doc_terms is None else f"{row.doc_terms:.2f}",
                   *("" if row.extras.get(c) is None else f"{row.extras[c]:.6g}" for c in table.extra_columns),
-                  str(row.path)]
+                  "; ".join(map(str, row.sources or [row.path]))]
         writer.writerow(cells)
     return out.getvalue()
 
