@@ -304,6 +304,8 @@ def test_collect_cli_writes_next_to_a_single_sweep(tmp_path, tiny_dataset, capsy
     assert cli["main"]([str(sweep), "--seeds"]) == 0
     source = (sweep / "collected" / "source.md").read_text()
     assert "made at commit(s): unknown, 0123456789ab." in source and "AMD EPYC, 2 cores" in source
+    assert "| 1 |" in (sweep / "collected" / "table.md").read_text()  # one seed each: no caption about seeds
+    assert "A row of several seeds" not in (sweep / "collected" / "table.md").read_text()
     assert cli["main"]([str(sweep), str(sweep / "0")]) == 2  # several paths need --out
     assert cli["main"]([str(sweep), "--baseline", "nope"]) == 2
 
@@ -478,6 +480,7 @@ def test_seeds_of_one_config_become_one_row_with_std_tested_against_two_baseline
     line = next(x for x in markdown.splitlines() if x.startswith("| sampling=stratified"))
     assert f"{strat.values[DATASET]:.4f} ± {strat.stds[DATASET]:.4f}↑a↑b" in line and "| 3 |" in line
     assert "sampling=topk (baseline a)" in markdown and "sampling=random (baseline b)" in markdown
+    assert "A row of several seeds shows the mean over its seeds ± the sample standard deviation" in markdown
     assert "↑x/↓x: significantly better/worse than baseline x (a: 'sampling=topk', b: 'sampling=random')" in markdown
     rows = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert rows[STRAT]["seeds"] == "3" and float(rows[STRAT][f"{DATASET} std"]) == pytest.approx(strat.stds[DATASET])

@@ -666,7 +666,7 @@ def _best(table: Table, column: str) -> float | None:
 def _caption(table: Table, escape=lambda text: text, marks: str = "↑/↓") -> list[str]:
     lines = [escape(f"Metric: {table.metric}. Mean over: {', '.join(table.mean_over) or 'no dataset every run has'}. "
                     f"Terms: mean non-zero terms per query / document over the datasets.")]
-    if table.grouped:
+    if any(row.seeds not in ("", "1") for row in table.rows):
         lines.append(escape("A row of several seeds shows the mean over its seeds ± the sample standard deviation; "
                             "its per-query values for the tests are means over the seeds."))
     if table.baselines:
