@@ -289,8 +289,8 @@ def test_markdown_csv_latex_and_chart_are_written(tmp_path, tiny_dataset):
 
 def test_collect_cli_writes_next_to_a_single_sweep(tmp_path, tiny_dataset, capsys):
     sweep = tmp_path / "sweep"
-    make_run(sweep / "0", ["regularizer=none"], POOR, tiny_dataset)
-    make_run(sweep / "1", ["regularizer=flops"], GOOD, tiny_dataset)
+    make_run(sweep / "0", ["regularizer=none"], POOR, tiny_dataset, config={"regularizer": "none"})
+    make_run(sweep / "1", ["regularizer=flops"], GOOD, tiny_dataset, config={"regularizer": "flops"})
     cli = runpy.run_path(str(ROOT / "scripts" / "collect.py"), run_name="collect")
     assert cli["main"]([str(sweep), "--baseline", "0", "--metric", "mrr@10"]) == 0
     out = capsys.readouterr().out
