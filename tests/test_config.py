@@ -143,3 +143,24 @@ def test_false_switches_off_whatever_form_it_reaches_the_code_in():
         structured(TrainSpec, _compose(["train.bf16=yes"]).train, "train").validate()
     with pytest.raises(ConfigError, match="encode.bf16=on: allowed auto, true, false"):
         structured(EncodeSpec, _compose(["encode.bf16=on"]).encode, "encode")
+
+
+def test_inspect_options_are_composed_from_the_head_scaling_group():
+    """inspect's options are the head_scaling group's files (plus the variant each names), so they follow them;
+    and they are a report's settings, not part of a run's identity."""
+    from lsr_run.pipeline import _identity
+
+    cfg = _compose([])
+    constant = OmegaConf.to_container(_compose(["head_scaling=constant"]).head_scaling)
+    assert OmegaConf.to_container(cfg.inspect.scalings.k16_weight) == constant
+    assert OmegaConf.to_container(cfg.inspect.scalings.k16_weight_bias) == {**constant, "target": "weight_and_bias"}
+    assert OmegaConf.to_container(cfg.inspect.scalings.k16_keep_tie) == {**constant, "tie": "keep"}
+    assert OmegaConf.to_container(cfg.inspect.scalings.none) == OmegaConf.to_container(cfg.head_scaling)
+    for scaling in cfg.inspect.scalings.values():
+        instantiate(scaling)
+    def identity(overrides):
+        composed = OmegaConf.to_container(_compose(["run_name=x", *overrides]), resolve=False)
+        composed.pop("hydra")
+        return _identity(OmegaConf.create(composed))
+
+    assert identity(["inspect.scalings.k16_weight.k=8"]) == identity([]) != identity(["head_scaling=constant"])

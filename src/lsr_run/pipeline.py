@@ -518,7 +518,8 @@ class Experiment:
         return rd.read_json(self.run.metrics) if self.run.metrics.exists() else {}
 
 
-IGNORED_FOR_IDENTITY = ("stages", "force", "model", "expected", "paths")  # paths: content is keyed instead
+IGNORED_FOR_IDENTITY = ("stages", "force", "model", "expected", "paths", "inspect")  # paths: content is keyed instead;
+# inspect: the options a report shows, not what a run computes
 
 
 def _identity(cfg: DictConfig) -> dict:
