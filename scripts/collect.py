@@ -66,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         table = build_table(records, metric=args.metric, baseline=args.baseline, alpha=args.alpha,
                             bonferroni=args.bonferroni, test=args.test, recompute=args.recompute,
                             extras=args.extra)
+        # the source note first: the table's own new files would make the checkout read as changed
+        note = source_note(records, " ".join(["scripts/collect.py", *map(shlex.quote, argv)]))
         paths = write_outputs(table, args.out)
         paths["source"] = args.out / "source.md"
-        write_text(paths["source"], source_note(records, " ".join(["scripts/collect.py", *map(shlex.quote, argv)])))
+        write_text(paths["source"], note)
     except LsrError as e:
         print(f"collect: {e}", file=sys.stderr)
         return 2
