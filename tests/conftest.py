@@ -27,12 +27,20 @@ def data_dir() -> Path:
     return SHARED_DATA
 
 
-def make_tiny_encoder(kind: str = "bert", seed: int = 0, chunk: int = 4096):
+def make_tiny_encoder(kind: str = "bert", seed: int = 0, chunk: int = 4096, active: float | None = None):
+    """A random tiny SPLADE encoder. ``active``: shift the decoder bias so that about this fraction of the logits of
+    a probe text are positive, as in a real head (a random head leaves about half positive: vectors ~15k terms)."""
     from lsr_run.models.backbone import BackboneSpec, load_backbone
     from lsr_run.models.splade import SpladeEncoder
 
     mlm, tok, settings = load_backbone(BackboneSpec(name=f"tiny_{kind}", model_id=f"tiny-{kind}", tiny=kind), seed)
-    return SpladeEncoder(mlm, tok, settings, chunk=chunk)
+    encoder = SpladeEncoder(mlm, tok, settings, chunk=chunk)
+    if active is not None:
+        with torch.no_grad():
+            batch = encoder.tokenize(["document about sparse retrieval lucene index", "query sparse"], 24)
+            logits = encoder.logits(batch["input_ids"], batch["attention_mask"])
+            encoder.mlm.get_output_embeddings().bias.sub_(torch.quantile(logits.flatten()[:100000].float(), 1 - active))
+    return encoder
 
 
 @pytest.fixture(params=["bert", "modernbert"])

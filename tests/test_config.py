@@ -32,6 +32,7 @@ def _compose(overrides):
         return compose(config_name="run", overrides=overrides, return_hydra_config=True)
 
 
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("group,option", list(options()))
 def test_every_option_composes(group, option):
     if group in ("experiment", "debug"):  # presets in the global package
@@ -83,6 +84,7 @@ def test_lengths_and_precision_have_one_home_in_encode():
 SWEEPS = sorted(CONF_DIR.glob("sweep/*.yaml"))
 
 
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_every_run_of_every_sweep_composes_and_builds(sweep, monkeypatch):
     """Every override of conf/sweep/*.yaml composes in a run of its sweep, and that run's sampler, candidates,

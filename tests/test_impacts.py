@@ -60,7 +60,7 @@ def test_encode_corpus_shards_hold_every_document_once_with_the_encoder_vectors(
     docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene"] * (i % 7 + 1))) for i in range(23)}
     docs["d5"] = ("", "   ")  # blank: indexed with the filler term, never matched
     ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test")
-    encoder = make_tiny_encoder("bert").eval()
+    encoder = make_tiny_encoder("bert", active=0.01).eval()
     spec = EncodeSpec(batch_size=4, doc_max_length=32, bf16=False)
     stats = encode_corpus(encoder, ds.corpus, tmp_path / "vectors", spec, min_shards=3)
     shards = sorted((tmp_path / "vectors").glob("part-*.jsonl"))
@@ -88,7 +88,7 @@ def test_overlapped_encoding_writes_the_same_shards(tmp_path, monkeypatch):
 
     docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene index"] * (i % 5 + 1)) + f" doc{i}") for i in range(30)}
     ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test")
-    encoder = make_tiny_encoder("bert").eval()
+    encoder = make_tiny_encoder("bert", active=0.01).eval()
     spec = EncodeSpec(batch_size=4, doc_max_length=32, bf16=False)
     texts = [ds.corpus.text(i) for i in ds.corpus.ids()]
     inline = list(encoder.encode(texts, 32, 4, False, prefetch=False))

@@ -52,6 +52,7 @@ def _round_trip(enc: SpladeEncoder, scaling, tmp_path, inflate: float = 1.0):
     return again
 
 
+@pytest.mark.exhaustive  # every head setting; make test-fast keeps test_head_scaling's save-and-reload of each kind
 @pytest.mark.parametrize("method", sorted(SCALINGS))
 @pytest.mark.parametrize("target", ["weight", "weight_and_bias"])
 @pytest.mark.parametrize("tie", ["keep", "untie"])

@@ -222,7 +222,7 @@ def test_encoding_streams_the_corpus_in_chunks(tmp_path, monkeypatch):
     docs = {f"d{i}": ("", " ".join(["sparse retrieval lucene"] * (i % 5 + 1))) for i in range(9)}
     ds = load_folder("toy", write_beir(tmp_path / "toy", docs, {"q": "lucene"}, {"q": {"d1": 1}}), "test",
                      str(tmp_path / "cache"))
-    encoder = make_tiny_encoder("bert").eval()
+    encoder = make_tiny_encoder("bert", active=0.01).eval()
     spec = enc.EncodeSpec(batch_size=1, doc_max_length=16, bf16=False)
 
     def shards(out: Path) -> dict:
