@@ -74,7 +74,7 @@ def prepare(folder: Path) -> None:
 def write_candidates(folder: Path) -> None:
     """The demo's BM25 pools for scifact train, as the run file ``candidates=bm25`` would search."""
     from lsr_run.candidates import Bm25Candidates
-    from lsr_run.pipeline import EvalDataset, load_spec
+    from lsr_run.components import EvalDataset, load_spec
 
     dataset = load_spec(EvalDataset(name="scifact", split="train"), str(folder / "data"), None)
     positives = {q: [d for d, r in docs.items() if r > 0] for q, docs in dataset.qrels.items()}

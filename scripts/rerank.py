@@ -39,7 +39,7 @@ def main() -> None:
     from lsr_run.backends.lucene import LuceneBm25Backend
     from lsr_run.data import read_trec_run
     from lsr_run.evaluation import evaluate_run
-    from lsr_run.pipeline import EvalDataset, load_spec
+    from lsr_run.components import EvalDataset, load_spec
 
     node = OmegaConf.load(ROOT / "conf" / "teacher" / f"{args.teacher}.yaml")
     node.cache_dir = None

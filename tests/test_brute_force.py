@@ -68,19 +68,19 @@ def test_a_text_backend_is_searched_with_text_and_encodes_nothing(toy, tmp_path)
     from hydra.core.global_hydra import GlobalHydra
 
     from conftest import CONF_DIR, toy_overrides
-    from lsr_run.pipeline import Experiment
+    from lsr_run import stages
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=toy_overrides(toy) + [
             "stages=[encode,index,search,evaluate]", f"paths.data_dir={toy['data']}", "paths.cache_dir=null",
             f"index._target_={__name__}.WordOverlap"])
-    experiment = Experiment(cfg, tmp_path / "run")
-    assert not experiment.vectors
-    metrics = experiment.execute()
-    run = experiment.run
+    ctx = stages.prepare(cfg, tmp_path / "run")
+    assert not ctx.parts.vectors
+    metrics = stages.execute(ctx)
+    run = ctx.run
     assert not (run.root / "encoded").exists()  # nothing encoded: no model was even loaded
-    assert experiment._encoder is None
+    assert not ctx.encoder_loaded
     assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
     assert "query_terms" not in metrics["toytest"]  # no vectors, no vector statistics
     assert read_trec_run(run.run_file("toytest"))
@@ -111,13 +111,13 @@ def test_a_baseline_runs_from_its_own_config_composed_from_the_run(toy, tmp_path
     assert OmegaConf.to_container(OmegaConf.masked_copy(composed, others)) == \
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, others))
 
-    from lsr_run.pipeline import Experiment, _run_locked
-    from lsr_run import distributed
+    from lsr_run import distributed, stages
+    from lsr_run.pipeline import _run_locked
 
     run = RunDir(tmp_path / "run")
-    experiment = Experiment(OmegaConf.merge(cfg, {"stages": ["evaluate"]}), run.root)
+    ctx = stages.prepare(OmegaConf.merge(cfg, {"stages": ["evaluate"]}), run.root)
     run.root.mkdir(parents=True)
-    _run_locked(experiment.cfg, run, distributed.init(), experiment)
+    _run_locked(ctx.cfg, run, distributed.init(), ctx)
     base = run.baseline("overlap")
     written = OmegaConf.load(base.config)
     assert written.index._target_ == f"{__name__}.WordOverlap" and list(written.stages) == ["index", "search",

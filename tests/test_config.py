@@ -1,6 +1,5 @@
 """Every option of every config group composes, and its _target_ builds; experiments compose too."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -9,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lsr_run.models.backbone import BackboneSpec
-from lsr_run.pipeline import EvalDataset, structured
+from lsr_run.components import EvalDataset, structured
 from lsr_run.train import TrainSpec
 
 from conftest import CONF_DIR

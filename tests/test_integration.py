@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lsr_run.data import load_dataset, read_trec_run
 from lsr_run.encoding import EncodeSpec, encode_corpus, encode_queries, read_query_vectors

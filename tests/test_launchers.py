@@ -2,7 +2,6 @@
 real, including a 2-task DDP world) and joblib for parallel local sweeps."""
 
 import json
-import os
 
 import pytest
 from hydra import compose, initialize_config_dir

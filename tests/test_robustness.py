@@ -7,13 +7,8 @@ backend: no Java, seconds per run.
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -84,12 +79,12 @@ def test_finished_run_is_never_overwritten_silently(toy, tmp_path):
 
 
 def _experiment(overrides, tmp_path):
-    from lsr_run.pipeline import Experiment
+    from lsr_run import stages
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=overrides)
-    return Experiment(cfg, tmp_path / "x")
+    return stages.prepare(cfg, tmp_path / "x")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -24,7 +24,7 @@ import torch
 
 from lsr_run.errors import ConfigError, DataError, LsrError
 
-from conftest import ROOT, WORDS, cli, toy_overrides, write_beir
+from conftest import ROOT, cli, toy_overrides, write_beir
 
 
 class _Payload:
@@ -289,10 +289,10 @@ def _compose(overrides):
      "eval.baselines.../up"),
 ])
 def test_names_that_would_leave_the_run_directory_are_config_errors(tmp_path, overrides, key):
-    from lsr_run.pipeline import Experiment
+    from lsr_run import stages
 
     with pytest.raises(ConfigError) as err:
-        Experiment(_compose(overrides + ["index=brute_force"]), tmp_path / "run")
+        stages.prepare(_compose(overrides + ["index=brute_force"]), tmp_path / "run")
     assert str(err.value).startswith(f"{key}=")
     assert not (tmp_path / "run").exists()
 
@@ -395,7 +395,7 @@ def test_sigterm_during_lucene_indexing_stops_the_indexer_and_resumes(toy, tmp_p
 _CLI_SIGTERM_WHILE_ENCODING = """
 import os, signal, sys, torch
 import lsr_run.encoding as encoding
-import lsr_run.pipeline as pipeline
+import lsr_run.stages as stages
 
 class Encoder:  # encodes one batch, then the process receives SIGTERM while the next is encoded
     tokenizer = None
@@ -406,7 +406,7 @@ class Encoder:  # encodes one batch, then the process receives SIGTERM while the
         yield [2, 3], torch.ones(2, 3)
 
 encoding.term_vocabulary = lambda tokenizer: ["x", "y", "z"]
-pipeline.Experiment.encoder = lambda self: Encoder()
+stages.StageContext.encoder = lambda self: Encoder()
 from lsr_run.cli import main
 sys.argv = ["lsr-run", *sys.argv[1:]]
 main()
@@ -457,7 +457,7 @@ def test_a_swallowed_signal_is_raised_again():
 def test_damaged_model_folder_is_one_line(tmp_path, damage):
     from conftest import make_tiny_encoder
 
-    from lsr_run.pipeline import Experiment
+    from lsr_run import stages
 
     folder = tmp_path / "model"
     make_tiny_encoder("bert").save(folder)
@@ -467,10 +467,10 @@ def test_damaged_model_folder_is_one_line(tmp_path, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         weights.unlink()
-    experiment = Experiment(_compose(["stages=[encode]", "backbone=tiny_bert", "index=brute_force",
-                                      f"model.path={folder}"]), tmp_path / "run")
+    ctx = stages.prepare(_compose(["stages=[encode]", "backbone=tiny_bert", "index=brute_force",
+                                   f"model.path={folder}"]), tmp_path / "run")
     with pytest.raises(LsrError) as err:
-        experiment.encoder()
+        ctx.encoder()
     assert str(folder) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -498,10 +498,10 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
 
 _CLI_WITH_FULL_DISK = """
 import errno, sys
-import lsr_run.pipeline as pipeline
-def full(self):
+import lsr_run.stages as stages
+def full(ctx):
     raise OSError(errno.ENOSPC, "No space left on device")
-pipeline.Experiment.stage_encode = full
+stages.encode = full
 from lsr_run.cli import main
 sys.argv = ["lsr-run", *sys.argv[1:]]
 main()

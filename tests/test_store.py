@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_beir
+from conftest import write_beir
 from lsr_run import store
 from lsr_run.data import load_corpus_file, load_dataset, load_folder
 from lsr_run.errors import DataError, LsrError

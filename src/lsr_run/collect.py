@@ -358,7 +358,7 @@ class QrelsCache:
         self._loaded: dict[str, object] = {}
 
     def dataset(self, key: str, spec: dict):
-        from .pipeline import EvalDataset, load_spec, structured
+        from .components import EvalDataset, load_spec, structured
 
         cache_key = json.dumps(spec, sort_keys=True)
         if cache_key not in self._loaded:
@@ -832,7 +832,7 @@ def source_note(records: list[RunRecord], command: str) -> str:
         machines[f"{hw.get('cpu') or 'CPU not recorded'}, {hw.get('cpus', '?')} cores"
                  + (f", {', '.join(hw['gpus'])}" if hw.get("gpus") else "")] = None
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([f"# Source of this table", "", f"- Command: `{command}`",
+    return "\n".join(["# Source of this table", "", f"- Command: `{command}`",
                        f"- Collected at commit {commit(git_state())}, {now}.",
                        f"- {len(runs)} run directories, made at commit(s): {', '.join(commits) or 'none'}.",
                        f"- Machines (from the runs' meta.json): {'; '.join(machines) or 'none'}.", ""])

@@ -12,7 +12,6 @@ Documents and queries are converted once into memory-mapped Arrow tables (``lsr_
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import logging
@@ -21,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 from .errors import DataError, LsrError
 from .store import TextTable, _slug, cache_root, convert_file, converted, write_text_table

@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from functools import lru_cache

@@ -29,7 +29,7 @@ import torch
 from .errors import ConfigError, LsrError
 from .losses import RankingLoss, ScoredBatch
 from .models.splade import SpladeEncoder, resolve_bf16, switch
-from .run_dir import RunDir, atomic_path, write_json
+from .run_dir import RunDir, atomic_path
 from .sampling import item_rng
 
 log = logging.getLogger(__name__)
