@@ -86,6 +86,39 @@ def test_a_text_backend_is_searched_with_text_and_encodes_nothing(toy, tmp_path)
     assert read_trec_run(run.run_file("toytest"))
 
 
+def test_evaluate_is_reused_only_for_the_same_runs_and_judgements(toy, tmp_path):
+    """A second execute in the same folder skips evaluate (no scoring); rewritten qrels score again, with the new
+    judgements, and so do other metrics."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR, toy_overrides
+    from lsr_run import stages
+
+    def execute(*extra):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="run", overrides=toy_overrides(toy) + [
+                "stages=[index,search,evaluate]", f"paths.data_dir={toy['data']}", "paths.cache_dir=null",
+                f"index._target_={__name__}.WordOverlap", *extra])
+        return stages.execute(stages.prepare(cfg, tmp_path / "run"))
+
+    first = execute()
+    done = tmp_path / "run" / ".done" / "evaluate"
+    recorded = done.read_text()
+    (tmp_path / "run" / "per_query" / "toytest.json").write_text("{}")  # would be rewritten by a new scoring
+    assert execute() == first and done.read_text() == recorded
+    assert (tmp_path / "run" / "per_query" / "toytest.json").read_text() == "{}"
+    qrels = toy["data"] / "toytest" / "qrels" / "test.tsv"
+    lines = qrels.read_text().splitlines()
+    qrels.write_text("\n".join(lines[:1] + [line.replace("\td", "\tx", 1) for line in lines[1:9]] + lines[9:]) + "\n")
+    rejudged = execute()  # half the queries lose their only relevant document
+    assert rejudged["toytest"]["ndcg@10"] < first["toytest"]["ndcg@10"]
+    assert json.loads((tmp_path / "run" / "per_query" / "toytest.json").read_text())
+    other = execute("eval.metrics=[ndcg@10,map]")
+    assert "map" in other["toytest"] and "map" not in rejudged["toytest"]
+
+
 def test_a_baseline_runs_from_its_own_config_composed_from_the_run(toy, tmp_path):
     """``eval.baselines.<name>`` runs index, search and evaluate from a config composed from the run's (its
     index node in place of the run's index): written to baselines/<name>/config.yaml, the run's left as it is."""

@@ -163,6 +163,14 @@ def search_key(ctx: StageContext, ds: Dataset) -> str:
                         "k": ctx.parts.config["eval"].get("k")})
 
 
+def evaluate_key(ctx: StageContext) -> str:
+    """Key of metrics.json: per dataset, the search key, the relevance judgements and the metrics asked for."""
+    metrics = list(ctx.cfg.eval.metrics)
+    return prov.digest({key: {"search": search_key(ctx, ctx.dataset(key)), "qrels": prov.digest(ctx.dataset(key).qrels),
+                              "metrics": spec.metrics or metrics, "remove_self_hits": spec.remove_self_hits}
+                        for key, spec in ctx.parts.eval_sets.items()})
+
+
 # ---------------------------------------------------------------- stages
 def inspect(ctx: StageContext) -> None:
     from .models.inspect import inspect_backbone
@@ -307,6 +315,10 @@ def evaluate(ctx: StageContext) -> None:
     """metrics.json: per dataset, the mean metrics, the number of queries and (vector backends) the mean query and
     document terms; per-query values beside it."""
     run = ctx.run
+    provenance = evaluate_key(ctx)
+    if run.metrics.exists() and ctx.current("evaluate", "", provenance):
+        log.info("evaluate: done already, from the same runs and judgements (%s)", run.metrics)
+        return
     metrics_cfg = list(ctx.cfg.eval.metrics)
     out: dict = {}
     for key, spec in ctx.parts.eval_sets.items():
@@ -325,10 +337,12 @@ def evaluate(ctx: StageContext) -> None:
         entry["queries"] = len(per_query)
         out[key] = entry
     rd.write_json(run.metrics, out)
+    rd.mark_done(run, "evaluate", "", {"provenance": provenance})
 
 
 def record_collapse(ctx: StageContext) -> None:
     """metrics.json of a collapsed run: every dataset marked as not scored (the collapse is in status.json)."""
+    ctx.run.stage_done("evaluate").unlink(missing_ok=True)  # the metrics it recorded are gone
     rd.write_json(ctx.run.metrics, {key: {"scored": False} for key in ctx.parts.eval_sets})
 
 
