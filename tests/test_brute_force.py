@@ -84,6 +84,8 @@ def test_a_text_backend_is_searched_with_text_and_encodes_nothing(toy, tmp_path)
     assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
     assert "query_terms" not in metrics["toytest"]  # no vectors, no vector statistics
     assert read_trec_run(run.run_file("toytest"))
+    marker = json.loads(next((run.root / ".done").glob("index-toytest-*")).read_text())
+    assert marker["docs"] == 40 and marker["seconds"] >= 0 and marker["provenance"]  # the backend's figures
 
 
 def test_evaluate_is_reused_only_for_the_same_runs_and_judgements(toy, tmp_path):

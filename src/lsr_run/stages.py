@@ -287,11 +287,14 @@ def index(ctx: StageContext) -> None:
         provenance = index_key(ctx, ds)
         if ctx.current("index", cid, provenance):
             continue
+        start = time.time()
         if ctx.parts.vectors:
-            backend.build(run.encoded_corpus(cid), run.index(cid))
+            stats = backend.build(run.encoded_corpus(cid), run.index(cid))
         else:
-            backend.build_from_corpus(ds.corpus, run.index(cid))
-        rd.mark_done(run, "index", cid, {"provenance": provenance})
+            stats = backend.build_from_corpus(ds.corpus, run.index(cid))
+        stats = {"seconds": time.time() - start, **(stats or {})}  # the backend's own figures, kept where made
+        rd.mark_done(run, "index", cid, {**stats, "provenance": provenance})
+        log.info("indexed %s in %.1f s", cid, stats["seconds"])
 
 
 def search(ctx: StageContext) -> None:
