@@ -146,10 +146,6 @@ class Stopwatch:
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
-    @property
-    def cores(self) -> float:
-        return self.cpu_seconds / max(1e-9, self.seconds)
-
 
 def starved_timings(results, path: str = "") -> list[str]:
     """Every timing in ``results`` (a dict with seconds and cpu_seconds) that kept less than half a core busy."""

@@ -61,11 +61,6 @@ def install() -> bool:
     return True
 
 
-def received() -> int | None:
-    """The first signal received since ``install``/``reset``, if any."""
-    return _received
-
-
 def check() -> None:
     """Raise ``Interrupted`` again if a signal arrived (its first exception may have been swallowed)."""
     if _received is not None:
