@@ -68,7 +68,7 @@ SWEEP_ARGS ?=
 HEAD_NORMS := init_report:head.decoder_frobenius,head.row_norm_mean
 .PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-head-scaling table-sampling
 
-table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (21 runs of 20-40 min on 2 AMD EPYC cores, ~6 min with AMX bf16)
+table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (21 runs of ~13 min alone on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --label-from folder \
 	  --baseline plain --baseline inflate16 --extra $(HEAD_NORMS)
