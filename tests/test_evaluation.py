@@ -59,5 +59,30 @@ def test_map_l2_matches_trec_eval_l2():
     assert ours["recall@1000-l2"] == pytest.approx(expected_r, abs=1e-6)
 
 
+def test_tied_scores_are_ranked_as_trec_eval_ranks_them():
+    # sparse dot products tie often: here every query's 40 results share 3 scores
+    qrels, run = _fixture(2)
+    tied = {q: {d: float(round(s) % 3) for d, s in docs.items()} for q, docs in run.items()}
+    measures = {"ndcg_cut.10", "map", "recip_rank"}
+    _, per_query = evaluate_run(qrels, tied, ["ndcg@10", "map", "mrr"])
+    trec = _trec(qrels, tied, measures)
+    for qid, r in trec.items():
+        assert per_query[qid]["ndcg@10"] == pytest.approx(r["ndcg_cut_10"], abs=1e-9)
+        assert per_query[qid]["map"] == pytest.approx(r["map"], abs=1e-9)
+        assert per_query[qid]["mrr"] == pytest.approx(r["recip_rank"], abs=1e-9)
+    # the smallest case: two documents tied, the one with the larger id is ranked first
+    assert evaluate_run({"q": {"b": 1}}, {"q": {"a": 1.0, "b": 1.0}}, ["mrr"])[0]["mrr"] == 1.0
+    assert evaluate_run({"q": {"a": 1}}, {"q": {"a": 1.0, "b": 1.0}}, ["mrr"])[0]["mrr"] == 0.5
+
+
+def test_queries_are_matched_by_id_whatever_their_order():
+    qrels, run = _fixture(3)
+    reordered = dict(reversed(list(run.items())))
+    assert evaluate_run(qrels, reordered, ["ndcg@10"])[1] == evaluate_run(qrels, run, ["ndcg@10"])[1]
+    trec = _trec(qrels, reordered, {"ndcg_cut.10"})
+    _, per_query = evaluate_run(qrels, reordered, ["ndcg@10"])
+    assert all(per_query[q]["ndcg@10"] == pytest.approx(r["ndcg_cut_10"], abs=1e-9) for q, r in trec.items())
+
+
 def test_self_hits_removed():
     assert remove_self_hits({"a": {"a": 3.0, "b": 1.0}}) == {"a": {"b": 1.0}}

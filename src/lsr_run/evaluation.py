@@ -1,7 +1,8 @@
 """Scoring runs with ranx, following trec_eval's conventions.
 
 Metric names are ranx's everywhere (``ndcg@10``, ``mrr@10``, ``recall@1000``, ``map-l2``...). Only judged
-queries are scored, and a judged query the run has no result for counts as zero (``trec_eval -c``). Self-hits
+queries are scored, a judged query the run has no result for counts as zero (``trec_eval -c``), and tied scores
+are broken by document id, descending, as trec_eval breaks them. Self-hits
 (a query's own id among its results, as in arguana and quora) can be removed before scoring.
 """
 
@@ -27,6 +28,15 @@ def remove_self_hits(run: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
     return {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
 
 
+def trec_order(docs: dict[str, float]) -> dict[str, float]:
+    """The ranking trec_eval scores: score descending, ties broken by document id descending. Returned as
+    distinct descending values, so that no scorer can re-break the ties its own way (sparse dot products tie
+    often: thousands of tied pairs in a scifact run)."""
+    ranked = sorted(zip(docs.values(), docs.keys()), reverse=True)
+    n = len(ranked)
+    return {doc: float(n - i) for i, (_, doc) in enumerate(ranked)}
+
+
 def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
                  metrics=DEFAULT_METRICS) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """-> (mean metrics, per-query metrics). Unjudged queries are ignored; judged queries without results
@@ -40,15 +50,13 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     # (ids cannot collide with a real doc: it holds a NUL byte) and so contributes zero.
     filled = {}
     for qid in judged:
-        docs = run.get(qid) or {}
-        filled[qid] = dict(docs) if docs else {"\x00none": -1e30}
-    qrels_obj = ranx.Qrels(judged)
-    run_obj = ranx.Run(filled)
-    per_query_raw = ranx.evaluate(qrels_obj, run_obj, metrics, return_mean=False, make_comparable=False)
-    if len(metrics) == 1:
-        per_query_raw = {metrics[0]: per_query_raw}
-    qids = list(run_obj.keys())
-    per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(qids)}
+        docs = run.get(qid)
+        filled[qid] = trec_order(docs) if docs else {"\x00none": -1e30}
+    # Plain dicts, in the same query order, rather than ranx.Qrels/Run: those build numba typed dicts whose
+    # code cannot be cached, ~5 s of compilation in every process that scores a run.
+    # (A single metric is asked twice: ranx's per-query return for one metric looks it up under a stripped name.)
+    per_query_raw = ranx.evaluate(judged, filled, metrics if len(metrics) > 1 else metrics * 2, return_mean=False)
+    per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(judged)}
     means = {m: float(sum(v[m] for v in per_query.values()) / len(per_query)) for m in metrics}
     return means, per_query
 
