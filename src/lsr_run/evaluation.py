@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     # Plain dicts, in the same query order, rather than ranx.Qrels/Run: those build numba typed dicts whose
     # code cannot be cached, ~5 s of compilation in every process that scores a run.
     # (A single metric is asked twice: ranx's per-query return for one metric looks it up under a stripped name.)
-    per_query_raw = ranx.evaluate(judged, filled, metrics if len(metrics) > 1 else metrics * 2, return_mean=False)
+    with warnings.catch_warnings():  # ranx's parallel sort casts its loop index when numba compiles it
+        warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+        per_query_raw = ranx.evaluate(judged, filled, metrics if len(metrics) > 1 else metrics * 2,
+                                      return_mean=False)
     per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(judged)}
     means = {m: float(sum(v[m] for v in per_query.values()) / len(per_query)) for m in metrics}
     return means, per_query
