@@ -19,7 +19,8 @@ that holds everything the other half needs and nothing else:
       PYTHONPATH=/tmp/site:src python3 scripts/gpu_check.py run --out $OUT
 
 It runs ``experiment=demo`` with ``index=brute_force`` (exact sparse dot products on the device, no Java),
-``candidates=run_file`` and without its BM25 baseline (Lucene), then ``scripts/bench.py --sections encode,train`` at GPU sizes, and
+``candidates=run_file``, without its BM25 baseline (Lucene) and, on CUDA, with ``encode.weights=bf16`` and batches
+of up to 65,536 padded tokens (``encode.max_tokens``), then ``scripts/bench.py --sections encode,train`` at GPU sizes, and
 writes ``gpu_check.json``: the machine, the demo's metrics, its time per stage and training steps per second, and
 the bench (each figure beside sentence-transformers and as a share of the card's measured bf16 matmul rate).
 ``run --quick --block-missing`` is the rehearsal on a CPU: 4 training steps, evaluation on adi alone, the bench's
@@ -149,6 +150,10 @@ def run(folder: Path, out: Path, quick: bool, block: bool, steps: int | None) ->
     if quick:  # a CPU rehearsal: 4 steps, evaluated on adi alone (82 documents)
         overrides += ["train.max_steps=4", "eval=local_all", "~eval.datasets.scifact", "~eval.datasets.cranfield",
                       "~eval.datasets.cisi"]
+    if device == "cuda":  # the GPU encode settings: bf16 weights, batches of up to 64k padded tokens
+        overrides += ["encode.weights=bf16", "encode.batch_size=512", "encode.max_tokens=65536"]
+    else:  # the token-budget path at the CPU's batch size
+        overrides += ["encode.max_tokens=8192"]
     if steps:
         overrides.append(f"train.max_steps={steps}")
     result["demo"] = {"overrides": overrides,

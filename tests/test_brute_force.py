@@ -160,3 +160,45 @@ def test_a_baseline_runs_from_its_own_config_composed_from_the_run(toy, tmp_path
     metrics = json.loads(base.metrics.read_text())
     assert metrics["toytest"]["queries"] == 16 and metrics["toytest"]["ndcg@10"] > 0
     assert not (base.root / "encoded").exists()
+
+
+def test_bf16_weights_and_token_budget_reach_the_encode_stage_and_its_keys(toy, tmp_path, monkeypatch):
+    """``encode.weights=bf16`` loads the model to encode in bf16; ``encode.max_tokens`` batches by tokens. Both
+    change the encode key; left at null they leave it as a config without them has it (earlier runs' keys)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR, make_tiny_encoder, toy_overrides
+    from lsr_run import stages
+    from lsr_run.models.splade import SpladeEncoder
+
+    model = tmp_path / "model"
+    make_tiny_encoder("bert", active=0.01).save(model)
+
+    def context(folder, *extra):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="run", overrides=toy_overrides(toy) + [
+                "stages=[encode]", f"paths.data_dir={toy['data']}", "paths.cache_dir=null",
+                "index=brute_force", f"model.path={model}", "encode.bf16=false", *extra])
+        return stages.prepare(cfg, tmp_path / folder)
+
+    budgets = []
+    batches = SpladeEncoder.token_batches
+    monkeypatch.setattr(SpladeEncoder, "token_batches",
+                        lambda self, texts, length, size, budget: budgets.append(budget) or batches(
+                            self, texts, length, size, budget))
+    ctx = context("budget", "encode.max_tokens=64")
+    stages.execute(ctx)
+    assert budgets == [64, 64]  # the corpus, then the queries
+    assert ctx.run.encoded_queries("toytest").exists()
+    half = context("bf16", "encode.weights=bf16")
+    assert next(half.encoder().parameters()).dtype == torch.bfloat16  # (bf16 outputs: test_pooling)
+    plain, absent = context("plain"), context("absent")
+    assert next(plain.encoder().parameters()).dtype == torch.float32
+    for key in ("max_tokens", "weights"):  # as the config of a run made before these settings existed
+        del absent.parts.config["encode"][key]
+    ds = ctx.dataset("toytest")
+    keys = [stages.encode_key(c, ds) for c in (plain, absent, ctx, half)]
+    assert keys[0] == keys[1] and len(set(keys)) == 3

@@ -134,3 +134,54 @@ def test_encode_batches_keep_input_order(tiny_encoder):
     with torch.no_grad():
         direct = tiny_encoder.encode_batch([texts[3]], 16)[0]
     assert torch.allclose(seen[3], direct, atol=1e-5)
+
+
+def _texts(n=40, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    words = "sparse lucene impact index query document term weight vocabulary head norm".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def _encoded(encoder, texts, **kw):
+    out = {}
+    for positions, weights in encoder.encode(texts, 24, bf16=False, **kw):
+        out.update(zip(positions, weights))
+    return torch.stack([out[i] for i in range(len(texts))])
+
+
+def test_token_budget_batches_fit_the_budget_and_encode_like_fixed_batches(tiny_kind):
+    encoder = make_tiny_encoder(tiny_kind)
+    texts = _texts()
+    batches, ids = encoder.token_batches(texts, 24, batch_size=64, max_tokens=100)
+    assert sorted(p for b in batches for p in b) == list(range(len(texts)))  # every text once
+    assert all(len(b) * max(len(ids[p]) for p in b) <= 100 for b in batches)
+    sizes = [len(b) for b in batches]
+    assert sizes[0] < max(sizes)  # long texts in small batches, short ones in large
+    assert max(len(b) for b in encoder.token_batches(texts, 24, batch_size=3, max_tokens=10_000)[0]) == 3
+    # padding as the tokenizer pads: the same tensors for one batch
+    reference = encoder.tokenize([texts[p] for p in batches[1]], 24, device=None)
+    collated = encoder.collate([ids[p] for p in batches[1]])
+    assert all(torch.equal(reference[k], collated[k]) for k in ("input_ids", "attention_mask"))
+    fixed = _encoded(encoder, texts, batch_size=8)
+    budget = _encoded(encoder, texts, batch_size=64, max_tokens=100)
+    assert torch.allclose(fixed, budget, atol=1e-5)
+    assert torch.allclose(_encoded(encoder, texts, max_tokens=1), fixed, atol=1e-5)  # one text a batch
+    assert list(encoder.encode([], 24, max_tokens=100)) == []
+
+
+def test_bf16_weights_encode_within_bf16_rounding_of_fp32(tiny_kind):
+    import copy
+
+    encoder = make_tiny_encoder(tiny_kind, active=0.05)
+    texts = _texts(12, seed=1)
+    fp32 = _encoded(encoder, texts, batch_size=4)
+    half = copy.deepcopy(encoder).to(dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    bf16 = _encoded(half, texts, batch_size=4)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    strong = fp32 > 0.1  # the terms that survive quantisation; bf16 keeps 8 bits of mantissa through 2 layers
+    assert strong.any()
+    assert torch.allclose(bf16[strong], fp32[strong], rtol=0.1, atol=0.02)
+    assert ((bf16 > 0) == (fp32 > 0)).float().mean() > 0.95  # the same vocabulary, up to terms at the edge

@@ -105,6 +105,8 @@ def _experiment(overrides, tmp_path):
      "eval.baselines.bf: BruteForceBackend searches encoded vectors; a baseline is evaluated without a model"),
     (["stages=[train,dance]"], "stages: unknown ['dance']"),
     (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
+    (["encode.max_tokens=0"], "encode.max_tokens=0: must be >= 1"),
+    (["encode.weights=fp8"], "encode.weights=fp8: allowed null (as loaded), bf16"),
 ])
 def test_bad_config_values_named_before_any_work(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:

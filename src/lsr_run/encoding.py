@@ -18,6 +18,7 @@ import torch
 
 from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
                       write_vectors)
+from .errors import ConfigError
 from .models.splade import SpladeEncoder, switch
 from . import interrupt
 from .run_dir import EncodedCorpus, atomic_path, write_error, write_json
@@ -36,16 +37,23 @@ class EncodeSpec:
     query_max_length: int = 64
     bf16: str = "auto"
     shard_size: int = 100_000  # docs per shard at most; 0: no limit (shards = indexing threads)
+    max_tokens: int | None = None  # batches by a token budget (batch_size then caps the texts per batch)
+    weights: str | None = None  # bf16: encode with the weights cast to bf16, rather than autocast over fp32
 
     def __post_init__(self) -> None:
         switch(self.bf16, False, "encode.bf16")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"encode.max_tokens={self.max_tokens}: must be >= 1 (or null: batch_size texts)")
+        if self.weights not in (None, "bf16"):
+            raise ConfigError(f"encode.weights={self.weights}: allowed null (as loaded), bf16")
 
 
 def encode_texts(encoder: SpladeEncoder, texts: list[str], max_length: int, batch_size: int, bf16,
-                 desc: str | None) -> list[SparseVector]:
+                 desc: str | None, max_tokens: int | None = None) -> list[SparseVector]:
     terms = term_vocabulary(encoder.tokenizer)
     out: list[SparseVector | None] = [None] * len(texts)
-    for positions, weights in encoder.encode(texts, max_length, batch_size, bf16, progress=desc):
+    for positions, weights in encoder.encode(texts, max_length, batch_size, bf16, progress=desc,
+                                             max_tokens=max_tokens):
         for pos, vec in zip(positions, to_sparse(quantize(weights, QUANTIZATION_SCALE), terms)):
             out[pos] = vec
     return out  # type: ignore[return-value]
@@ -131,7 +139,8 @@ def encode_corpus(encoder: SpladeEncoder, corpus, out_dir: Path, spec: EncodeSpe
             blank = [not t.strip() for t in texts]
             empty += sum(blank)
             for positions, weights in encoder.encode(texts, spec.doc_max_length, spec.batch_size, spec.bf16,
-                                                     progress=f"encode {corpus.name}", prefetch=overlap):
+                                                     progress=f"encode {corpus.name}", prefetch=overlap,
+                                                     max_tokens=spec.max_tokens):
                 args = ([ids[i] for i in positions], [blank[i] for i in positions],
                         quantize(weights, QUANTIZATION_SCALE))
                 if pool is None:
@@ -175,7 +184,7 @@ def merge_stats(out_dir: Path) -> dict:
 def encode_queries(encoder: SpladeEncoder, queries: dict[str, str], path: Path, spec: EncodeSpec) -> dict:
     qids = list(queries)
     vectors = encode_texts(encoder, [queries[q] for q in qids], spec.query_max_length, spec.query_batch_size,
-                           spec.bf16, desc=None)
+                           spec.bf16, desc=None, max_tokens=spec.max_tokens)
     with atomic_path(path) as tmp:
         write_vectors(tmp, zip(qids, vectors), id_key="qid")
     return {"queries": len(qids), "query_terms": sum(len(v) for v in vectors) / max(1, len(qids))}

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from . import distributed, interrupt
@@ -95,7 +96,8 @@ class StageContext:
                 encoder = self.fresh_encoder()
             else:
                 raise LsrError(f"{self.run.model} missing after training")
-            self._encoder = (key, encoder.to(self.dist.device()))
+            dtype = torch.bfloat16 if self.parts.encode.weights == "bf16" else None  # loaded to encode only
+            self._encoder = (key, encoder.to(self.dist.device(), dtype=dtype))
         return self._encoder[1]
 
     @property
@@ -141,16 +143,21 @@ def corpus_id(ds: Dataset) -> str:
     return f"{ds.corpus_key}-{prov.corpus_digest(ds)[:10]}"
 
 
+def encode_settings(ctx: StageContext) -> dict:
+    """The encode config as keys see it: a setting left at null is as if absent (a new optional setting leaves
+    the keys of earlier runs as they were)."""
+    return {k: v for k, v in (ctx.parts.config.get("encode") or {}).items() if v is not None}
+
+
 def encode_key(ctx: StageContext, ds: Dataset) -> str:
-    return prov.digest({"model": model_key(ctx), "encode": ctx.parts.config.get("encode"),
-                        "corpus": prov.corpus_digest(ds)})
+    return prov.digest({"model": model_key(ctx), "encode": encode_settings(ctx), "corpus": prov.corpus_digest(ds)})
 
 
 def queries_key(ctx: StageContext, ds: Dataset) -> str:
     texts = prov.texts_digest(ds.judged_queries())
     if not ctx.parts.vectors:
         return texts
-    return prov.digest({"model": model_key(ctx), "encode": ctx.parts.config.get("encode"), "queries": texts})
+    return prov.digest({"model": model_key(ctx), "encode": encode_settings(ctx), "queries": texts})
 
 
 def index_key(ctx: StageContext, ds: Dataset) -> str:

@@ -110,26 +110,62 @@ class SpladeEncoder(nn.Module):
         batch = self.tokenize(texts, max_length)
         return self(batch["input_ids"], batch["attention_mask"])
 
+    def token_batches(self, texts: Sequence[str], max_length: int, batch_size: int,
+                      max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+        """-> (batches of positions, token ids per text). Texts sorted by token count, longest first; each batch
+        takes as many as fit ``max_tokens`` padded tokens (batch size x its longest text), at most ``batch_size``,
+        at least one: short texts go in large batches, long ones in small."""
+        if not texts:
+            return [], []
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
+                             return_token_type_ids=False)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        batches, start = [], 0
+        while start < len(order):
+            n = max(1, min(batch_size, max_tokens // max(1, len(ids[order[start]]))))
+            batches.append(order[start:start + n])
+            start += n
+        return batches, ids
+
+    def collate(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` (on the CPU) from token ids, as ``tokenize`` pads."""
+        longest = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], max_length: int, batch_size: int = 32, bf16="auto",
-               progress: str | None = None, prefetch: bool | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+               progress: str | None = None, prefetch: bool | None = None,
+               max_tokens: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield (positions, weights) per batch; batches hold texts of similar length (fewer pad tokens).
 
-        ``prefetch`` (default: on with CUDA) tokenises the next batch in a thread, into pinned memory, while the
-        device computes this one; the batches and the weights are the same either way."""
+        ``max_tokens``: batches formed by a token budget (``token_batches``) over texts tokenised once, rather
+        than ``batch_size`` texts each. ``prefetch`` (default: on with CUDA) prepares the next batch in a thread,
+        into pinned memory, while the device computes this one; the batches and the weights are the same either
+        way."""
         from tqdm.auto import tqdm
 
         was_training = self.training
         self.eval()
-        lengths = [len(t) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if max_tokens:
+            batches, ids = self.token_batches(texts, max_length, batch_size, max_tokens)
+        else:
+            lengths = [len(t) for t in texts]
+            order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+            batches, ids = [order[start:start + batch_size] for start in range(0, len(order), batch_size)], None
         use_bf16 = resolve_bf16(bf16, self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         cuda = self.device.type == "cuda"
 
         def tokens(positions: list[int]) -> dict[str, torch.Tensor]:
-            enc = self.tokenize([texts[i] for i in positions], max_length, device=None)
+            if ids is None:
+                enc = self.tokenize([texts[i] for i in positions], max_length, device=None)
+            else:
+                enc = self.collate([ids[i] for i in positions])
             return {k: v.pin_memory() for k, v in enc.items()} if cuda else enc
 
         pool = None
