@@ -208,6 +208,29 @@ def test_prefetch_thread_trains_exactly_as_the_inline_loop(tmp_path):
     assert all(torch.equal(runs["true"][1][k], v) for k, v in runs["false"][1].items())
 
 
+@pytest.mark.process  # inductor compiles in worker processes, about a minute on 2 CPU cores
+def test_compiled_encoder_trains_as_the_eager_one(tmp_path):
+    """``train.compile``: the same logged losses and final weights as eager training, within float reordering;
+    the weights keep their names (checkpoints and saved models are unchanged)."""
+    from lsr_run.losses import InfoNCE
+
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    counters.clear()
+    for compiled in (False, True):
+        trainer = _trainer(tmp_path / str(compiled), InfoNCE(), compile=compiled, dropout=0.0, max_steps=3)
+        assert trainer.train()["steps"] == 3
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # compiled graphs ran, and only then
+        log = [json.loads(line) for line in trainer.run.train_log.read_text().splitlines()]
+        runs[compiled] = ([entry["loss"] for entry in log], trainer.encoder.state_dict())
+    (eager, eager_weights), (compiled, compiled_weights) = runs[False], runs[True]
+    assert list(compiled_weights) == list(eager_weights)
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=1e-3, atol=1e-5)
+
+
 def test_step_statistics_reach_the_host_in_one_copy():
     """``to_host``: tensors and plain numbers by name -> the floats ``float()`` gives each, in their order."""
     from lsr_run.train import to_host

@@ -144,9 +144,13 @@ def corpus_id(ds: Dataset) -> str:
 
 
 def encode_settings(ctx: StageContext) -> dict:
-    """The encode config as keys see it: a setting left at null is as if absent (a new optional setting leaves
-    the keys of earlier runs as they were)."""
-    return {k: v for k, v in (ctx.parts.config.get("encode") or {}).items() if v is not None}
+    """The encode config as keys see it: settings added later are left out at their default (``INERT_DEFAULTS``),
+    so the keys of earlier runs stay as they were."""
+    settings = {"encode": dict(ctx.parts.config.get("encode") or {})}
+    for dotted, value in prov.INERT_DEFAULTS.items():
+        if dotted.startswith("encode."):
+            prov.drop(settings, dotted, value, always=False)
+    return settings["encode"]
 
 
 def encode_key(ctx: StageContext, ds: Dataset) -> str:
