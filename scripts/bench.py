@@ -297,6 +297,20 @@ def forward_gflop(config, tokens: list[int]) -> dict:
 
 
 # ==================================================================================== 1. encoding
+def best_of(fn, texts: list[str], repeats: int, device) -> tuple[list[float], list[float], object]:
+    """``fn(texts)`` timed ``repeats`` times after a warm-up on 8 texts -> (seconds, CPU seconds, last output)."""
+    fn(texts[:8])
+    seconds, cpu_seconds, out = [], [], None
+    for _ in range(repeats):
+        sync(device)
+        with Stopwatch() as watch:
+            out = fn(texts)
+            sync(device)
+        seconds.append(watch.seconds)
+        cpu_seconds.append(watch.cpu_seconds)
+    return seconds, cpu_seconds, out
+
+
 def bench_encode(ctx: Context) -> dict:
     import torch
 
@@ -401,14 +415,7 @@ def bench_encode(ctx: Context) -> dict:
                 out[positions] = weights.to("cpu", torch.float32)
             return out
 
-        run_variant(texts[:8])
-        seconds = []
-        for _ in range(repeats):
-            sync(ctx.device)
-            with Stopwatch() as watch:
-                out = run_variant(texts)
-                sync(ctx.device)
-            seconds.append(watch.seconds)
+        seconds, _, out = best_of(run_variant, texts, repeats, ctx.device)
         dps = n / min(seconds)
         result["lsr_run_variants"][name] = {
             "max_tokens": max_tokens, "batch_cap": cap if max_tokens else ctx.encode_batch, "seconds": seconds,
@@ -427,15 +434,7 @@ def bench_encode(ctx: Context) -> dict:
             emb = st16.encode(batch, batch_size=ctx.encode_batch, show_progress_bar=False)
             return emb.to_dense().to("cpu", torch.float32)
 
-        run_st16(texts[:8])
-        seconds, cpu_seconds = [], []
-        for _ in range(repeats):
-            sync(ctx.device)
-            with Stopwatch() as watch:
-                out16 = run_st16(texts)
-                sync(ctx.device)
-            seconds.append(watch.seconds)
-            cpu_seconds.append(watch.cpu_seconds)
+        seconds, cpu_seconds, out16 = best_of(run_st16, texts, repeats, ctx.device)
         result["sentence_transformers_bf16_weights"] = {
             "seconds": seconds, "cpu_seconds": cpu_seconds, "docs_per_second": n / min(seconds),
             "max_abs_diff_vs_lsr_run_fp32": float((out16 - lsr_fp32).abs().max())}
