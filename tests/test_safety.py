@@ -400,7 +400,7 @@ import lsr_run.stages as stages
 class Encoder:  # encodes one batch, then the process receives SIGTERM while the next is encoded
     tokenizer = None
     device = torch.device("cpu")
-    def encode(self, texts, max_length, batch_size, bf16, progress=None, prefetch=None):
+    def encode(self, texts, max_length, batch_size, bf16, progress=None, prefetch=None, max_tokens=None):
         yield [0, 1], torch.ones(2, 3)
         os.kill(os.getpid(), signal.SIGTERM)
         yield [2, 3], torch.ones(2, 3)
