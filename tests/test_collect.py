@@ -493,3 +493,20 @@ def test_seeds_of_one_config_become_one_row_with_std_tested_against_two_baseline
     assert (tmp_path / "out" / "table.png").stat().st_size > 0
     # without seeds=True every run is its own row, labelled with its seed
     assert len(load_records([sweep])) == 9
+
+
+def test_a_seed_run_recorded_with_keys_added_later_at_their_defaults_joins_its_row(tmp_path, tiny_dataset):
+    """A config key added after some seeds ran (``provenance.INERT_DEFAULTS``) neither splits a seed row nor labels
+    it while it holds its default; set to anything else, it is a different config."""
+    sweep = tmp_path / "sweep"
+    old = {"head_scaling": {"name": "constant"}, "train": {"lr": 2e-5}}
+    new = {"head_scaling": {"name": "constant"}, "train": {"lr": 2e-5, "compile": False},
+           "encode": {"max_tokens": None, "weights": None}}
+    for seed, config in ((1, old), (2, old), (3, new)):
+        make_run(sweep / f"k16_s{seed}", None, GOOD, tiny_dataset, config={**config, "seed": seed})
+    make_run(sweep / "k16bf_s1", None, GOOD, tiny_dataset,
+             config={**new, "encode": {"max_tokens": None, "weights": "bf16"}, "seed": 1})
+    records = load_records([sweep], seeds=True, label_from="folder")
+    assert [(r.label, len(r.members)) for r in records] == [("k16", 3), ("k16bf", 1)]
+    assert [r.label for r in load_records([sweep / f"k16_s{s}" for s in (1, 3)], label_from="config")] == \
+        ["seed=1", "seed=3"]  # the defaults are not shown as a difference

@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from .errors import LsrError
-from .provenance import flatten
+from .provenance import drop_inert, flatten
 from .run_dir import RunDir
 
 # config keys that never change a run's results (and so never label it)
@@ -123,6 +123,8 @@ def load_run(path: Path) -> RunRecord:
         choices = {k: v for k, v in ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
                    if not k.startswith("hydra/")}
     config = _read_yaml(run.config) if run.config.exists() else None
+    if isinstance(config, dict):  # keys added since some of the runs, at their defaults, neither split nor label
+        drop_inert(config)
     record = RunRecord(path=run.root, status=STATUS_OK, overrides=overrides, choices=choices, config=config)
     failed = run.failed
     # a run re-launched after a failure keeps the old failed.json: the newer of the two files tells

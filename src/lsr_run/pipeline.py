@@ -37,9 +37,7 @@ def _identity(cfg: DictConfig) -> dict:
         data.pop(key, None)
     for key in prov.TRAIN_NEUTRAL:  # cadence and prefetch: a run made with other values has the same results
         prov.drop(data, f"train.{key}")
-    for key, value in prov.INERT_DEFAULTS.items():  # keys newer than the run, at the value it ran with
-        prov.drop(data, key, value, always=False)
-    return data
+    return prov.drop_inert(data)  # keys newer than the run, at the value it ran with
 
 
 def guard_run_dir(cfg: DictConfig, run: RunDir) -> None:

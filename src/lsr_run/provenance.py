@@ -119,13 +119,23 @@ def drop(tree: dict, dotted: str, only_if: Any = None, always: bool = True) -> N
         del node[last]
 
 
+def drop_inert(tree: dict, section: str = "") -> dict:
+    """Remove, in place, every ``INERT_DEFAULTS`` key that holds its default from a config (or from its
+    ``section``, e.g. the encode dict alone), so that configs recorded before a key existed compare equal to
+    configs recorded after it. Returns ``tree``."""
+    prefix = f"{section}." if section else ""
+    for dotted, value in INERT_DEFAULTS.items():
+        if dotted.startswith(prefix):
+            drop(tree, dotted[len(prefix):], value, always=False)
+    return tree
+
+
 def train_inputs(cfg: dict, data_key: str) -> dict:
     """What a trained model is a function of: the training config (minus logging cadence) and the data."""
     inputs = json.loads(json.dumps({k: cfg.get(k) for k in TRAIN_SECTIONS}, default=str))
     inputs["train"] = inputs.get("train") or {}
     for dotted in TRAIN_NEUTRAL:
         drop(inputs, f"train.{dotted}")
-    for dotted, value in INERT_DEFAULTS.items():
-        drop(inputs, dotted, value, always=False)
+    drop_inert(inputs)
     inputs["data"] = {"config": cfg.get("data", {}).get("train"), "content": data_key}
     return inputs

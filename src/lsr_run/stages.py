@@ -146,11 +146,7 @@ def corpus_id(ds: Dataset) -> str:
 def encode_settings(ctx: StageContext) -> dict:
     """The encode config as keys see it: settings added later are left out at their default (``INERT_DEFAULTS``),
     so the keys of earlier runs stay as they were."""
-    settings = {"encode": dict(ctx.parts.config.get("encode") or {})}
-    for dotted, value in prov.INERT_DEFAULTS.items():
-        if dotted.startswith("encode."):
-            prov.drop(settings, dotted, value, always=False)
-    return settings["encode"]
+    return prov.drop_inert(dict(ctx.parts.config.get("encode") or {}), "encode")
 
 
 def encode_key(ctx: StageContext, ds: Dataset) -> str:
