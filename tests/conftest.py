@@ -27,13 +27,32 @@ def data_dir() -> Path:
     return SHARED_DATA
 
 
+_TINY_BACKBONES: dict = {}
+
+
+def tiny_backbone(kind: str, seed: int = 0):
+    """``load_backbone`` of a tiny random model, built once per (kind, seed), then copied: the same weights and
+    global torch RNG state as a fresh build, without its cost (~0.15-0.25 s, mostly ModernBERT's truncated-normal
+    initialisation and the tokenizer's loading; the fast tests build ~50). The tokenizer is shared (no code
+    changes a tokenizer's settings; a copy would cost as much as loading it)."""
+    import copy
+
+    if (kind, seed) not in _TINY_BACKBONES:
+        from lsr_run.models.backbone import BackboneSpec, load_backbone
+
+        built = load_backbone(BackboneSpec(name=f"tiny_{kind}", model_id=f"tiny-{kind}", tiny=kind), seed)
+        _TINY_BACKBONES[kind, seed] = built, torch.get_rng_state()
+    (mlm, tok, settings), rng = _TINY_BACKBONES[kind, seed]
+    torch.set_rng_state(rng)  # where a fresh build leaves it: tests that train after building stay seeded alike
+    return copy.deepcopy(mlm), tok, dict(settings)
+
+
 def make_tiny_encoder(kind: str = "bert", seed: int = 0, chunk: int = 4096, active: float | None = None):
     """A random tiny SPLADE encoder. ``active``: shift the decoder bias so that about this fraction of the logits of
     a probe text are positive, as in a real head (a random head leaves about half positive: vectors ~15k terms)."""
-    from lsr_run.models.backbone import BackboneSpec, load_backbone
     from lsr_run.models.splade import SpladeEncoder
 
-    mlm, tok, settings = load_backbone(BackboneSpec(name=f"tiny_{kind}", model_id=f"tiny-{kind}", tiny=kind), seed)
+    mlm, tok, settings = tiny_backbone(kind, seed)
     encoder = SpladeEncoder(mlm, tok, settings, chunk=chunk)
     if active is not None:
         with torch.no_grad():
