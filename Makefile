@@ -66,7 +66,7 @@ RESULTS := results
 SWEEP_ARGS ?=
 # the head's norms after scaling, at initialisation (init_report.json): Frobenius and mean per-row L2 norm
 HEAD_NORMS := init_report:head.decoder_frobenius,head.row_norm_mean
-.PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-head-scaling table-sampling
+.PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-ood-fusion-cpu table-head-scaling table-sampling
 
 table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (21 runs of ~13 min alone on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
@@ -85,6 +85,17 @@ table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) besid
 	$(PY) scripts/sweep.py conf/sweep/ood_cpu.yaml --out $(TABLES)/ood_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --label-from folder \
 	  --baseline bm25 --baseline demo
+
+table-ood-fusion-cpu: $(STAMP) ## each finished out-of-domain recipe run fused with BM25 (min-max wsum 0.5/0.5, and RRF; untuned), beside BM25 and the recipes (minutes; after table-ood-cpu)
+	for run in $(TABLES)/ood_cpu/*_s*; do \
+	  name=$$(basename $$run); \
+	  for method in wsum rrf; do \
+	    $(PY) scripts/fuse.py $(TABLES)/ood_cpu/bm25 $$run --method $$method \
+	      --out $(TABLES)/ood_fusion_cpu/$${name%_s*}+bm25_$${method}_s$${name##*_s} > /dev/null || exit 1; \
+	  done; \
+	done
+	$(PY) scripts/collect.py $(TABLES)/ood_cpu $(TABLES)/ood_fusion_cpu --out $(RESULTS)/ood_fusion_cpu --seeds \
+	  --label-from folder --baseline bm25
 
 table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head scaling x 3 seeds (GPU + internet, days)
 	$(LSR) stages=[inspect] backbone=bert_base_uncased hydra.run.dir=$(TABLES)/head_scaling/inspect_bert

@@ -510,3 +510,65 @@ def test_a_seed_run_recorded_with_keys_added_later_at_their_defaults_joins_its_r
     assert [(r.label, len(r.members)) for r in records] == [("k16", 3), ("k16bf", 1)]
     assert [r.label for r in load_records([sweep / f"k16_s{s}" for s in (1, 3)], label_from="config")] == \
         ["seed=1", "seed=3"]  # the defaults are not shown as a difference
+
+
+# ---------------------------------------------------------------- fusion
+
+def _scored_run(root: Path, tiny_dataset: Path, hits: dict, spec: dict | None = None) -> Path:
+    """A finished run directory whose runs/tiny.trec holds ``hits`` (query -> [(doc, score)]); its eval spec finds
+    the dataset through ``paths.data_dir`` (no ``path``), as a run's recorded config does."""
+    spec = spec or {"name": DATASET, "split": "test"}
+    make_run(root, None, config={"eval": {"datasets": {DATASET: spec}, "metrics": ["ndcg@10"], "k": 100},
+                                 "paths": {"data_dir": str(tiny_dataset.parent)}})
+    write_trec_run(root / "runs" / f"{DATASET}.trec", hits)
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(QUERIES)}
+    means, per_query = evaluate_run(qrels, {q: dict(h) for q, h in hits.items()}, ["ndcg@10"])
+    (root / "metrics.json").write_text(json.dumps({DATASET: means}))
+    (root / "per_query").mkdir()
+    (root / "per_query" / f"{DATASET}.json").write_text(json.dumps(per_query))
+    return root
+
+
+def test_two_runs_fused_are_scored_as_a_run_that_collect_reads(tmp_path, tiny_dataset):
+    """Each run puts another document first and the relevant one second (25 queries; 5 find nothing relevant);
+    min-max wsum at equal weights ranks the relevant document first (0.5 + 0.5 * 0.9 against 0.5 for the others);
+    weights (1, 0) give the first run back."""
+    from lsr_run.fusion import fuse_runs
+
+    x, y = (lambda i: f"d{(i + 30) % 60}"), (lambda i: f"d{(i + 31) % 60}")
+    found = range(25)
+    a = _scored_run(tmp_path / "a", tiny_dataset, {f"q{i}": [(x(i), 1.0), (f"d{i}", 0.9), (y(i), 0.0)] if i in found
+                                                   else [(x(i), 1.0), (y(i), 0.5)] for i in range(QUERIES)})
+    b = _scored_run(tmp_path / "b", tiny_dataset, {f"q{i}": [(y(i), 4.0), (f"d{i}", 3.6), (x(i), 0.0)] if i in found
+                                                   else [(y(i), 4.0), (x(i), 0.0)] for i in range(QUERIES)})
+    alone = json.loads((a / "metrics.json").read_text())[DATASET]["ndcg@10"]
+    assert alone == pytest.approx(25 / 30 / 1.5849625, rel=1e-6)  # the relevant document second: 1 / log2(3)
+
+    metrics = fuse_runs([a, b], tmp_path / "fused")
+    assert metrics == {DATASET: {"ndcg@10": pytest.approx(25 / 30), "queries": QUERIES}}
+    lines = (tmp_path / "fused" / "runs" / f"{DATASET}.trec").read_text().splitlines()
+    assert [line.split()[2] for line in lines[:3]] == ["d0", y(0), x(0)]  # 0.95, then 0.5 tied: docid descending
+    per_query = json.loads((tmp_path / "fused" / "per_query" / f"{DATASET}.json").read_text())
+    assert [per_query[f"q{i}"]["ndcg@10"] for i in range(QUERIES)] == pytest.approx([1.0] * 25 + [0.0] * 5)
+    config = yaml.safe_load((tmp_path / "fused" / "config.yaml").read_text())
+    assert config["fusion"]["runs"] == [str(a.resolve()), str(b.resolve())] and config["fusion"]["weights"] == [0.5, 0.5]
+    assert fuse_runs([a, b], tmp_path / "first", weights=[1.0, 0.0])[DATASET]["ndcg@10"] == pytest.approx(alone)
+
+    records = load_records([a, b, tmp_path / "fused"], label_from="folder")
+    table = build_table(records, baseline="a")
+    assert [r.label for r in table.rows] == ["a", "b", "fused"]
+    assert table.rows[2].values[DATASET] == pytest.approx(25 / 30) and table.rows[2].marks[DATASET] == BETTER
+
+
+def test_fusion_refuses_runs_scored_on_other_judgements_and_unfinished_folders(tmp_path, tiny_dataset):
+    from lsr_run.fusion import fuse_runs
+
+    hits = {f"q{i}": [(f"d{i}", 1.0)] for i in range(QUERIES)}
+    a = _scored_run(tmp_path / "a", tiny_dataset, hits)
+    b = _scored_run(tmp_path / "b", tiny_dataset, hits, spec={"name": DATASET, "split": "dev"})
+    with pytest.raises(LsrError, match=f"fusion: {DATASET} was scored on other judgements in {b / 'config.yaml'}"):
+        fuse_runs([a, b], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LsrError, match="empty: not a finished run directory"):
+        fuse_runs([a, tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked

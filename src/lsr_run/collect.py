@@ -77,9 +77,17 @@ class RunRecord:
         return RunDir(self.path)
 
     def dataset_spec(self, dataset: str) -> dict | None:
-        config = self.config if self.config is not None else (self.parent.config if self.parent else None)
-        entry = ((config or {}).get("eval") or {}).get("datasets", {}).get(dataset)
+        entry = ((self._config or {}).get("eval") or {}).get("datasets", {}).get(dataset)
         return dict(entry) if entry is not None else None
+
+    @property
+    def data_dir(self) -> str | None:
+        """The ``paths.data_dir`` the run read its datasets from."""
+        return ((self._config or {}).get("paths") or {}).get("data_dir")
+
+    @property
+    def _config(self) -> dict | None:
+        return self.config if self.config is not None else (self.parent.config if self.parent else None)
 
 
 def _read_yaml(path: Path):
@@ -359,12 +367,13 @@ class QrelsCache:
     def __init__(self):
         self._loaded: dict[str, object] = {}
 
-    def dataset(self, key: str, spec: dict):
+    def dataset(self, key: str, spec: dict, data_dir: str | None = None):
+        """``data_dir``: the run's ``paths.data_dir``, where a spec without a ``path`` finds its folder."""
         from .components import EvalDataset, load_spec, structured
 
-        cache_key = json.dumps(spec, sort_keys=True)
+        cache_key = json.dumps([spec, data_dir], sort_keys=True)
         if cache_key not in self._loaded:
-            self._loaded[cache_key] = load_spec(structured(EvalDataset, spec, f"eval.datasets.{key}"))
+            self._loaded[cache_key] = load_spec(structured(EvalDataset, spec, f"eval.datasets.{key}"), data_dir)
         return self._loaded[cache_key]
 
 
@@ -393,7 +402,7 @@ def per_query_scores(record: RunRecord, dataset: str, metric: str, recompute: bo
     from .data import read_trec_run
     from .evaluation import evaluate_run, remove_self_hits
 
-    ds = (cache or QrelsCache()).dataset(dataset, spec)
+    ds = (cache or QrelsCache()).dataset(dataset, spec, record.data_dir)
     run = read_trec_run(record.run.run_file(dataset))
     if spec.get("remove_self_hits"):
         run = remove_self_hits(run)
