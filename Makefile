@@ -76,6 +76,7 @@ table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-infla
 table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs of ~45 min on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu $(SWEEP_ARGS)
 	for loss in kl_div margin_mse; do \
+	  ls -d $(TABLES)/sampling_cpu/*_$${loss}_s* > /dev/null 2>&1 || { echo "no $$loss runs yet"; continue; }; \
 	  $(PY) scripts/collect.py $(TABLES)/sampling_cpu/*_$${loss}_s* --out $(RESULTS)/sampling_cpu_$$loss --seeds \
 	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
 	done
