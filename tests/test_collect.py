@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lsr_run.collect import (BETTER, CELL_FAIL, CELL_OK, CELL_SKIP, WORSE, build_table, check_expected,
                              expected_passed, load_records, paired_test, to_csv, to_latex, to_markdown,
                              write_outputs)
-from lsr_run.data import load_dataset, write_trec_run
+from lsr_run.data import load_dataset, read_trec_run, write_trec_run
 from lsr_run.errors import LsrError
 from lsr_run.evaluation import evaluate_run
 
@@ -531,8 +531,8 @@ def _scored_run(root: Path, tiny_dataset: Path, hits: dict, spec: dict | None = 
 
 def test_two_runs_fused_are_scored_as_a_run_that_collect_reads(tmp_path, tiny_dataset):
     """Each run puts another document first and the relevant one second (25 queries; 5 find nothing relevant);
-    min-max wsum at equal weights ranks the relevant document first (0.5 + 0.5 * 0.9 against 0.5 for the others);
-    weights (1, 0) give the first run back."""
+    min-max wsum at equal weights ranks the relevant document first (0.5 * 0.9 + 0.5 * 0.9 against 0.5 for the
+    others); weights (1, 0) give the first run back."""
     from lsr_run.fusion import fuse_runs
 
     x, y = (lambda i: f"d{(i + 30) % 60}"), (lambda i: f"d{(i + 31) % 60}")
@@ -547,7 +547,11 @@ def test_two_runs_fused_are_scored_as_a_run_that_collect_reads(tmp_path, tiny_da
     metrics = fuse_runs([a, b], tmp_path / "fused")
     assert metrics == {DATASET: {"ndcg@10": pytest.approx(25 / 30), "queries": QUERIES}}
     lines = (tmp_path / "fused" / "runs" / f"{DATASET}.trec").read_text().splitlines()
-    assert [line.split()[2] for line in lines[:3]] == ["d0", y(0), x(0)]  # 0.95, then 0.5 tied: docid descending
+    assert [line.split()[2] for line in lines[:3]] == ["d0", y(0), x(0)]  # 0.9, then 0.5 tied: docid descending
+    assert [float(line.split()[4]) for line in lines[:3]] == [0.9, 0.5, 0.5]  # the fused scores themselves
+    rescored, _ = evaluate_run({f"q{i}": {f"d{i}": 1} for i in range(QUERIES)}, read_trec_run(
+        tmp_path / "fused" / "runs" / f"{DATASET}.trec"), ["ndcg@10"])
+    assert rescored["ndcg@10"] == metrics[DATASET]["ndcg@10"]  # the file scores as metrics.json says
     per_query = json.loads((tmp_path / "fused" / "per_query" / f"{DATASET}.json").read_text())
     assert [per_query[f"q{i}"]["ndcg@10"] for i in range(QUERIES)] == pytest.approx([1.0] * 25 + [0.0] * 5)
     config = yaml.safe_load((tmp_path / "fused" / "config.yaml").read_text())

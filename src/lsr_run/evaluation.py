@@ -8,6 +8,7 @@ are broken by document id, descending, as trec_eval breaks them. Self-hits
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -23,6 +24,14 @@ def _ranx():
     import ranx
 
     return ranx
+
+
+@contextlib.contextmanager
+def numba_quiet():
+    """Silence numba's cast warning that ranx's parallel sort raises when numba compiles it (once per cache)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+        yield
 
 
 def remove_self_hits(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -56,8 +65,7 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     # Plain dicts, in the same query order, rather than ranx.Qrels/Run: those build numba typed dicts whose
     # code cannot be cached, ~5 s of compilation in every process that scores a run.
     # (A single metric is asked twice: ranx's per-query return for one metric looks it up under a stripped name.)
-    with warnings.catch_warnings():  # ranx's parallel sort casts its loop index when numba compiles it
-        warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+    with numba_quiet():
         per_query_raw = ranx.evaluate(judged, filled, metrics if len(metrics) > 1 else metrics * 2,
                                       return_mean=False)
     per_query = {qid: {m: float(per_query_raw[m][i]) for m in metrics} for i, qid in enumerate(judged)}

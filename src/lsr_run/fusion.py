@@ -17,7 +17,7 @@ import yaml
 from .collect import QrelsCache
 from .data import read_trec_run, write_trec_run
 from .errors import LsrError
-from .evaluation import evaluate_run, remove_self_hits, trec_order
+from .evaluation import evaluate_run, numba_quiet, remove_self_hits, trec_order
 from .run_dir import RunDir, read_json, write_json, write_text
 
 METHODS = ("wsum", "rrf", "combsum", "combmnz")  # ranx fusion methods that need no training
@@ -38,8 +38,6 @@ def fuse_runs(sources: list[Path], out: Path, method: str = "wsum", norm: str = 
     """Fuse the runs of ``sources`` (run directories) per shared dataset into the run directory ``out``;
     -> its metrics ({dataset: means}). ``weights``: one per source (wsum; default equal); ``k``: results kept per
     query (default the first run's eval.k)."""
-    import warnings
-
     from .evaluation import _ranx
 
     ranx = _ranx()
@@ -82,11 +80,13 @@ def fuse_runs(sources: list[Path], out: Path, method: str = "wsum", norm: str = 
             # rank-based fusion sees each run's ties broken as trec_eval breaks them (not by ranx's sort)
             rankings.append({q: trec_order(h) if method == "rrf" else dict(h) for q, h in ranking.items() if h})
         params = {"weights": list(weights)} if method == "wsum" else None
-        with warnings.catch_warnings():  # as in evaluation: numba's cast warning when ranx compiles
-            warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+        with numba_quiet():
             fused = ranx.fuse([ranx.Run(r, name=f"run{i}") for i, r in enumerate(rankings)],
                               norm=norm, method=method, params=params).to_dict()
-        top = {q: list(trec_order(docs).items())[:k] for q, docs in fused.items()}
+        # the fused scores as the run file holds them (6 decimals), in the order trec_eval ranks them (ties by
+        # document id, descending), top k: metrics.json is what scoring the file gives
+        top = {q: sorted(((d, round(s, 6)) for d, s in docs.items()), key=lambda h: (h[1], h[0]), reverse=True)[:k]
+               for q, docs in fused.items()}
         write_trec_run(target.run_file(dataset), top)
         ds = cache.dataset(dataset, spec, (configs[0].get("paths") or {}).get("data_dir"))
         means, per_query = evaluate_run(ds.qrels, {q: dict(h) for q, h in top.items()},
