@@ -38,13 +38,18 @@ def remove_self_hits(run: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
     return {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
 
 
+def trec_ranking(docs: dict[str, float]) -> list[tuple[str, float]]:
+    """(doc, score) pairs in the order trec_eval ranks them: score descending, ties broken by document id
+    descending."""
+    return [(doc, score) for score, doc in sorted(zip(docs.values(), docs.keys()), reverse=True)]
+
+
 def trec_order(docs: dict[str, float]) -> dict[str, float]:
-    """The ranking trec_eval scores: score descending, ties broken by document id descending. Returned as
-    distinct descending values, so that no scorer can re-break the ties its own way (sparse dot products tie
-    often: thousands of tied pairs in a scifact run)."""
-    ranked = sorted(zip(docs.values(), docs.keys()), reverse=True)
+    """The ranking trec_eval scores, returned as distinct descending values, so that no scorer can re-break the
+    ties its own way (sparse dot products tie often: thousands of tied pairs in a scifact run)."""
+    ranked = trec_ranking(docs)
     n = len(ranked)
-    return {doc: float(n - i) for i, (_, doc) in enumerate(ranked)}
+    return {doc: float(n - i) for i, (doc, _) in enumerate(ranked)}
 
 
 def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],

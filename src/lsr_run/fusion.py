@@ -17,7 +17,7 @@ import yaml
 from .collect import QrelsCache
 from .data import read_trec_run, write_trec_run
 from .errors import LsrError
-from .evaluation import evaluate_run, numba_quiet, remove_self_hits, trec_order
+from .evaluation import evaluate_run, numba_quiet, remove_self_hits, trec_order, trec_ranking
 from .run_dir import RunDir, read_json, write_json, write_text
 
 METHODS = ("wsum", "rrf", "combsum", "combmnz")  # ranx fusion methods that need no training
@@ -85,8 +85,7 @@ def fuse_runs(sources: list[Path], out: Path, method: str = "wsum", norm: str = 
                               norm=norm, method=method, params=params).to_dict()
         # the fused scores as the run file holds them (6 decimals), in the order trec_eval ranks them (ties by
         # document id, descending), top k: metrics.json is what scoring the file gives
-        top = {q: sorted(((d, round(s, 6)) for d, s in docs.items()), key=lambda h: (h[1], h[0]), reverse=True)[:k]
-               for q, docs in fused.items()}
+        top = {q: trec_ranking({d: round(s, 6) for d, s in docs.items()})[:k] for q, docs in fused.items()}
         write_trec_run(target.run_file(dataset), top)
         ds = cache.dataset(dataset, spec, (configs[0].get("paths") or {}).get("data_dir"))
         means, per_query = evaluate_run(ds.qrels, {q: dict(h) for q, h in top.items()},
