@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lsr_run.errors import DataError
-from lsr_run.teachers import FileTeacher, normalize_scores, read_hard_negatives, read_scores
+from lsr_run.teachers import CrossEncoderTeacher, FileTeacher, normalize_scores, read_hard_negatives, read_scores
 
 
 def test_ce_score_pickle_gzip_ids_become_strings(tmp_path):
@@ -71,3 +71,31 @@ def test_file_teacher_caches_by_content(tmp_path, monkeypatch):
     path.write_text("q\td1\t1.0\nq\td2\t2.0\n")  # rewritten with the same content: served from the cache
     monkeypatch.setattr(FileTeacher, "compute", lambda *a: pytest.fail("scores computed again"))
     assert teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run2") == got
+
+
+def test_model_folder_is_keyed_by_content(tmp_path, monkeypatch):
+    """A model retrained into the same folder gets its own scores, never the cached scores of the old weights;
+    the same weights written again are served from the cache."""
+    folder = tmp_path / "ce"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    (folder / "1_Pooling" / "config.json").write_text("{}")
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"trainer state")
+    calls = []
+
+    def compute(self, queries, corpus, pairs):
+        calls.append(1)
+        return {"q": {"d1": float(len(calls)), "d2": 0.0}}
+
+    monkeypatch.setattr(CrossEncoderTeacher, "compute", compute)
+    teacher = CrossEncoderTeacher(model=str(folder), cache_dir=str(tmp_path / "shared"))
+    first = teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run1")
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"other trainer state")  # not read by a load
+    (folder / "model.safetensors").write_bytes(b"weights v1")  # same bytes rewritten
+    assert teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run2") == first
+    assert len(calls) == 1
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling": "mean"}')  # retrained: a file under it changed
+    second = teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run3")
+    assert len(calls) == 2 and second["q"]["d1"] == 2.0
+

@@ -56,6 +56,18 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def folder_digest(folder: Path) -> str:
+    """Content key of a folder (a saved model): the digest of every file under it, by relative path. Hidden
+    entries and trainer checkpoints (``checkpoint-*``) are left out: they are not what loading the folder reads."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(p.startswith((".", "checkpoint-")) for p in rel.parts):
+            files[rel.as_posix()] = file_digest(path)
+    return digest(files)
+
+
 def corpus_file(folder: Path) -> Path | None:
     for name in ("corpus.jsonl", "corpus.jsonl.gz"):
         if (Path(folder) / name).is_file():

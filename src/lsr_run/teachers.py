@@ -233,12 +233,15 @@ class Teacher:
         """What the raw scores are a function of besides the pairs: settings, files and texts."""
         import dataclasses
 
-        from .provenance import digest, file_digest
+        from .provenance import digest, file_digest, folder_digest
 
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name not in ("cache_dir", "normalize", "scale")}  # those two apply after the cache
-        files = {name: file_digest(Path(value)) for name, value in settings.items()
-                 if isinstance(value, str) and value and Path(value).is_file()}
+        # a file or a local model folder is keyed by its content: a model retrained into the same folder (e.g. by
+        # scripts/train_cross_encoder.py) gets new scores, never the old folder's cached ones
+        files = {name: file_digest(Path(value)) if Path(value).is_file() else folder_digest(Path(value))
+                 for name, value in settings.items()
+                 if isinstance(value, str) and value and (Path(value).is_file() or Path(value).is_dir())}
         from .data import known
 
         h = hashlib.sha256()
