@@ -144,8 +144,12 @@ gpu-check-rehearsal: gpu-check-prepare ## the GPU check on this CPU (4 steps, ad
 	$(PY) scripts/gpu_check.py run --quick --block-missing
 
 .PHONY: rerank
-rerank: $(STAMP) ## a teacher as a reranker of BM25's top 100 on scifact/cranfield/cisi test (TEACHER=bi_encoder; ~10 min on 2 cores)
-	$(PY) scripts/rerank.py --teacher $(or $(TEACHER),bi_encoder)
+rerank: $(STAMP) ## a teacher as a reranker of BM25's top 100 on scifact/cranfield/cisi test (TEACHER=bi_encoder; ~10 min on 2 cores; TEACHER_SET="model=DIR" overrides its keys)
+	$(PY) scripts/rerank.py --teacher $(or $(TEACHER),bi_encoder) $(foreach kv,$(TEACHER_SET),--set $(kv)) $(RERANK_ARGS)
+
+.PHONY: teacher-ce
+teacher-ce: $(STAMP) ## fine-tune a cross-encoder teacher from minilm_l6 on scifact train (BM25 negatives) -> outputs/teachers/ce_minilm_scifact; then make rerank TEACHER=cross_encoder TEACHER_SET="model=outputs/teachers/ce_minilm_scifact"
+	$(PY) scripts/train_cross_encoder.py --out outputs/teachers/ce_minilm_scifact $(CE_ARGS)
 
 .PHONY: bench-gpu
 bench-gpu: $(STAMP) ## encode and train step on CUDA at GPU sizes beside sentence-transformers, each as a share of the card's measured bf16 matmul rate

@@ -5,7 +5,7 @@ teacher is worth using only where it reranks BM25's candidates better than BM25 
 dataset, BM25's nDCG@10 and the teacher's over the same candidates (scored with ranx, as every lsr-run metric)
 and writes them to a JSON.
 
-    python scripts/rerank.py [--teacher bi_encoder] [--datasets scifact,cranfield,cisi] [--depth 100]
+    python scripts/rerank.py [--teacher bi_encoder] [--set KEY=VALUE] [--datasets scifact,cranfield,cisi] [--depth 100]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--teacher", default="bi_encoder", help="a conf/teacher option (default: %(default)s)")
     p.add_argument("--datasets", default="scifact,cranfield,cisi")
     p.add_argument("--depth", type=int, default=100, help="BM25 candidates per query (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the teacher's config, e.g. --set model=outputs/teachers/ce (repeatable)")
     p.add_argument("--metrics", default="ndcg@10,recall@100")
     p.add_argument("--out", type=Path, default=None, help="JSON (default: outputs/rerank/<teacher>.json)")
     args = p.parse_args()
@@ -43,6 +45,11 @@ def main() -> None:
 
     node = OmegaConf.load(ROOT / "conf" / "teacher" / f"{args.teacher}.yaml")
     node.cache_dir = None
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in node:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(map(str, node))}")
+        node[key] = OmegaConf.from_dotlist([f"v={value}"]).v
     teacher = instantiate(node)
     metrics = args.metrics.split(",")
     out = args.out or ROOT / "outputs" / "rerank" / f"{args.teacher}.json"

@@ -99,3 +99,59 @@ def test_model_folder_is_keyed_by_content(tmp_path, monkeypatch):
     second = teacher.score({"q": "t"}, None, {"q": ["d1", "d2"]}, tmp_path / "run3")
     assert len(calls) == 2 and second["q"]["d1"] == 2.0
 
+
+def _train_cross_encoder_script():
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "train_cross_encoder.py"),
+                          run_name="train_cross_encoder")
+
+
+def test_cross_encoder_training_pairs():
+    training_pairs = _train_cross_encoder_script()["training_pairs"]
+    qrels = {"q1": {"p1": 1, "p2": 2, "j0": 0}, "q2": {"p3": 1}, "q3": {"j1": 0}}
+    queries = {"q1": "one", "q2": "two", "q3": "three"}
+    bm25 = {"q1": {"j0": 9.0, "p1": 8.0, "n1": 7.0, "n2": 6.0, "n3": 5.0, "n4": 4.0},
+            "q2": {"n1": 3.0, "p3": 2.0}}
+    pairs, counts = training_pairs(qrels, queries, bm25, negatives=2, seed=1)
+    by_query = {}
+    for q, d, y in pairs:
+        by_query.setdefault(q, []).append((d, y))
+    # every judged positive; negatives are unjudged BM25 candidates (a judged-0 document is not a negative)
+    assert sorted(d for d, y in by_query["q1"] if y == 1) == ["p1", "p2"]
+    negatives = [d for d, y in by_query["q1"] if y == 0]
+    assert len(negatives) == 2 and set(negatives) <= {"n1", "n2", "n3", "n4"}
+    assert by_query["q2"] == [("p3", 1), ("n1", 0)]  # fewer candidates than asked for: all of them
+    assert "q3" not in by_query  # no positive: skipped and counted
+    assert counts == {"queries": 2, "queries_skipped": 1, "positives": 3, "negatives": 3}
+    assert training_pairs(qrels, queries, bm25, negatives=2, seed=1)[0] == pairs  # seeded
+    draws = {tuple(training_pairs(qrels, queries, bm25, negatives=2, seed=s)[0]) for s in range(8)}
+    assert len(draws) > 1
+
+
+@pytest.mark.integration
+@pytest.mark.process
+def test_fine_tuned_cross_encoder_is_a_teacher(tmp_path, data_dir):
+    """scripts/train_cross_encoder.py on 4 scifact training queries writes a folder that teacher=cross_encoder
+    loads and scores with; its record names the pairs it was trained on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ce"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_cross_encoder.py"
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--max-queries", "4", "--negatives", "2",
+                    "--depth", "10", "--batch-size", "4"], check=True, capture_output=True, text=True,
+                   env={**os.environ, "LSR_DATA_DIR": str(data_dir)})
+    record = json.loads((out / "lsr_run_teacher.json").read_text())
+    assert record["data"]["queries"] == 4 and record["data"]["negatives"] == 8
+    assert record["steps"] == -(-(record["data"]["positives"] + 8) // 4) and len(record["loss_log"]) == record["steps"]
+    from lsr_run.components import EvalDataset, load_spec
+
+    ds = load_spec(EvalDataset(name="scifact", split="test", max_queries=1), str(data_dir), None)
+    qid = next(iter(ds.qrels))
+    docs = list(ds.qrels[qid])[:1] + ds.corpus.ids()[:2]
+    got = CrossEncoderTeacher(model=str(out), max_length=128).compute(ds.queries, ds.corpus, {qid: docs})
+    assert set(got[qid]) == set(docs) and all(np.isfinite(v) for v in got[qid].values())
