@@ -42,6 +42,7 @@ def main() -> None:
     from lsr_run.data import read_trec_run
     from lsr_run.evaluation import evaluate_run
     from lsr_run.components import EvalDataset, load_spec
+    from lsr_run.provenance import corpus_digest
 
     node = OmegaConf.load(ROOT / "conf" / "teacher" / f"{args.teacher}.yaml")
     node.cache_dir = None
@@ -59,7 +60,7 @@ def main() -> None:
         ds = load_spec(EvalDataset(name=name, split="test"), os.environ["LSR_DATA_DIR"], None)
         queries = ds.judged_queries()
         bm25 = LuceneBm25Backend(k1=0.9, b=0.4)
-        index = work / f"bm25-{name}"
+        index = work / f"bm25-{name}-{corpus_digest(ds)}"  # keyed by the corpus' content: never a stale index
         if not index.exists():
             bm25.build_from_corpus(ds.corpus, index)
         run_path = work / f"bm25-{name}-top{args.depth}.trec"

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from lsr_run.errors import LsrError
     from lsr_run.models.backbone import resolve_model_path
     from lsr_run.models.splade import resolve_bf16
+    from lsr_run.provenance import corpus_digest
 
     started = time.time()
     ds = load_spec(EvalDataset(name=args.data, split=args.split, max_queries=args.max_queries),
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     if not queries:
         raise LsrError(f"--data {args.data} --split {args.split}: no judged queries to train on")
     work = args.out.parent / f".{args.out.name}-work"
-    index, run_path = work / f"bm25-{args.data}", work / f"bm25-{args.data}-{args.split}-top{args.depth}.trec"
+    # the index is keyed by the corpus file's content: a changed corpus never reuses an old index
+    index = work / f"bm25-{args.data}-{corpus_digest(ds)}"
+    run_path = work / f"bm25-{args.data}-{args.split}-top{args.depth}.trec"
     bm25 = LuceneBm25Backend(k1=0.9, b=0.4)
     if not index.exists():
         bm25.build_from_corpus(ds.corpus, index)
