@@ -2,8 +2,9 @@
 
 A student distilled from a teacher's scores can hardly rank better than the teacher ranks the same candidates, so a
 teacher is worth using only where it reranks BM25's candidates better than BM25 orders them. This prints, per
-dataset, BM25's nDCG@10 and the teacher's over the same candidates (scored with ranx, as every lsr-run metric)
-and writes them to a JSON.
+dataset, BM25's nDCG@10 and the teacher's over the same candidates (scored with ranx, as every lsr-run metric),
+with a paired t-test of the teacher against BM25 over the queries, and writes them, per query too, to a JSON.
+Teacher scores are cached under the JSON's folder by content, so a rerun costs only BM25's search.
 
     python scripts/rerank.py [--teacher bi_encoder] [--set KEY=VALUE] [--datasets scifact,cranfield,cisi] [--depth 100]
 """
@@ -39,6 +40,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from lsr_run.backends.lucene import LuceneBm25Backend
+    from lsr_run.collect import paired_test
     from lsr_run.data import read_trec_run
     from lsr_run.evaluation import evaluate_run
     from lsr_run.components import EvalDataset, load_spec
@@ -67,14 +69,21 @@ def main() -> None:
         bm25.search_text(index, queries, args.depth, run_path)
         run = read_trec_run(run_path)
         start = time.time()
-        scores = teacher.compute(queries, ds.corpus, {q: list(docs) for q, docs in run.items()})
+        # scores cached by content (teacher, its weights, the pairs and their texts): a rerun costs nothing
+        scores = teacher.score(queries, ds.corpus, {q: list(docs) for q, docs in run.items()}, work / "teacher-cache")
         seconds = time.time() - start
-        entry = {"queries": len(queries), "teacher_seconds": seconds,
-                 "bm25": evaluate_run(ds.qrels, run, metrics)[0],
-                 "teacher": evaluate_run(ds.qrels, scores, metrics)[0]}
+        (bm25_means, bm25_pq), (means, pq) = (evaluate_run(ds.qrels, r, metrics) for r in (run, scores))
+        first = metrics[0]
+        per_query = {"bm25": {q: v[first] for q, v in bm25_pq.items()}, "teacher": {q: v[first] for q, v in pq.items()}}
+        p_value = paired_test(per_query["bm25"], per_query["teacher"])
+        entry = {"queries": len(queries), "teacher_seconds": seconds, "bm25": bm25_means, "teacher": means,
+                 f"p_value_vs_bm25_{first}": p_value, f"per_query_{first}": per_query}
         result["datasets"][name] = entry
-        print(f"{name}: BM25 {entry['bm25']['ndcg@10']:.4f}, {args.teacher} over BM25's top {args.depth} "
-              f"{entry['teacher']['ndcg@10']:.4f} (nDCG@10; {len(queries)} queries, {seconds:.0f} s)", flush=True)
+        mark = "" if p_value is None or p_value >= 0.05 else (" ↑" if means[first] > bm25_means[first] else " ↓")
+        p_text = "untestable" if p_value is None else f"{p_value:.4f}"
+        print(f"{name}: BM25 {bm25_means[first]:.4f}, {args.teacher} over BM25's top {args.depth} "
+              f"{means[first]:.4f}{mark} ({first}; paired t-test against BM25: p {p_text}; "
+              f"{len(queries)} queries, {seconds:.0f} s)", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures: {out}")

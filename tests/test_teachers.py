@@ -155,3 +155,31 @@ def test_fine_tuned_cross_encoder_is_a_teacher(tmp_path, data_dir):
     docs = list(ds.qrels[qid])[:1] + ds.corpus.ids()[:2]
     got = CrossEncoderTeacher(model=str(out), max_length=128).compute(ds.queries, ds.corpus, {qid: docs})
     assert set(got[qid]) == set(docs) and all(np.isfinite(v) for v in got[qid].values())
+
+
+@pytest.mark.integration
+@pytest.mark.process
+def test_rerank_reports_significance_and_reuses_teacher_scores(tmp_path, data_dir):
+    """scripts/rerank.py on adi: BM25's and the teacher's nDCG@10 with a paired test over the same queries, per-query
+    values that average to the means, and a second run served from the teacher-score cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rerank.py"
+    out = tmp_path / "rerank" / "bi.json"
+    cmd = [sys.executable, str(script), "--datasets", "adi", "--depth", "20", "--out", str(out)]
+    env = {**os.environ, "LSR_DATA_DIR": str(data_dir)}
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    entry = json.loads(out.read_text())["datasets"]["adi"]
+    per_query = entry["per_query_ndcg@10"]
+    assert set(per_query["bm25"]) == set(per_query["teacher"]) and len(per_query["bm25"]) == entry["queries"]
+    for side in ("bm25", "teacher"):
+        assert np.isclose(np.mean(list(per_query[side].values())), entry[side]["ndcg@10"])
+    assert 0.0 <= entry["p_value_vs_bm25_ndcg@10"] <= 1.0
+    assert len(list((out.parent / "work" / "teacher-cache").glob("*.json"))) == 1
+    first_scores = per_query["teacher"]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    assert "teacher scores from cache" in proc.stderr
+    assert json.loads(out.read_text())["datasets"]["adi"]["per_query_ndcg@10"]["teacher"] == first_scores
