@@ -70,21 +70,21 @@ HEAD_NORMS := init_report:head.decoder_frobenius,head.row_norm_mean
 
 table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (21 runs of ~13 min alone on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
-	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --label-from folder \
+	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --keep-runs --label-from folder \
 	  --baseline plain --baseline inflate16 --extra $(HEAD_NORMS)
 
 table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs of ~45 min on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu $(SWEEP_ARGS)
 	for loss in kl_div margin_mse; do \
 	  ls -d $(TABLES)/sampling_cpu/*_$${loss}_s* > /dev/null 2>&1 || { echo "no $$loss runs yet"; continue; }; \
-	  $(PY) scripts/collect.py $(TABLES)/sampling_cpu/*_$${loss}_s* --out $(RESULTS)/sampling_cpu_$$loss --seeds \
+	  $(PY) scripts/collect.py $(TABLES)/sampling_cpu/*_$${loss}_s* --out $(RESULTS)/sampling_cpu_$$loss --seeds --keep-runs \
 	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
 	done
 
 table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) beside BM25 on scifact, cranfield and cisi (~60 min a run on 2 AMD EPYC cores)
 	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_cpu/bm25
 	$(PY) scripts/sweep.py conf/sweep/ood_cpu.yaml --out $(TABLES)/ood_cpu $(SWEEP_ARGS)
-	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --label-from folder \
+	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --keep-runs --label-from folder \
 	  --baseline bm25 --baseline demo
 
 table-ood-fusion-cpu: $(STAMP) ## each finished out-of-domain recipe run fused with BM25 (min-max wsum 0.5/0.5, and RRF; untuned), beside BM25 and the recipes (minutes; after table-ood-cpu)
@@ -95,20 +95,20 @@ table-ood-fusion-cpu: $(STAMP) ## each finished out-of-domain recipe run fused w
 	      --out $(TABLES)/ood_fusion_cpu/$${name%_s*}+bm25_$${method}_s$${name##*_s} > /dev/null || exit 1; \
 	  done; \
 	done
-	$(PY) scripts/collect.py $(TABLES)/ood_cpu $(TABLES)/ood_fusion_cpu --out $(RESULTS)/ood_fusion_cpu --seeds \
+	$(PY) scripts/collect.py $(TABLES)/ood_cpu $(TABLES)/ood_fusion_cpu --out $(RESULTS)/ood_fusion_cpu --seeds --keep-runs \
 	  --label-from folder --baseline bm25
 
 table-head-scaling: $(STAMP) ## the rescaling paper's table: backbones x head scaling x 3 seeds (GPU + internet, days)
 	$(LSR) stages=[inspect] backbone=bert_base_uncased hydra.run.dir=$(TABLES)/head_scaling/inspect_bert
 	REF_NORM=$$($(PY) -c "import json;print(json.load(open('$(TABLES)/head_scaling/inspect_bert/inspect.json'))['options']['configured']['head']['decoder_frobenius'])") \
 	  $(PY) scripts/sweep.py conf/sweep/head_scaling_paper.yaml --out $(TABLES)/head_scaling $(SWEEP_ARGS)
-	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(RESULTS)/head_scaling --seeds --label-from folder \
+	$(PY) scripts/collect.py $(TABLES)/head_scaling --out $(RESULTS)/head_scaling --seeds --keep-runs --label-from folder \
 	  --baseline none_bert_base_uncased --extra $(HEAD_NORMS)
 
 table-sampling: $(STAMP) ## the stratified-sampling table: sampler x loss x 3 seeds on MS MARCO (GPU + internet, days)
 	$(PY) scripts/sweep.py conf/sweep/sampling_paper.yaml --out $(TABLES)/sampling $(SWEEP_ARGS)
 	for loss in kl_div margin_mse; do \
-	  $(PY) scripts/collect.py $(TABLES)/sampling/*_$${loss}_s* --out $(RESULTS)/sampling_$$loss --seeds \
+	  $(PY) scripts/collect.py $(TABLES)/sampling/*_$${loss}_s* --out $(RESULTS)/sampling_$$loss --seeds --keep-runs \
 	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
 	done
 

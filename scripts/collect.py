@@ -17,8 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from lsr_run.collect import (LABEL_SOURCES, STAT_TESTS, build_table, load_records, source_note, to_markdown,
-                             write_outputs)
+from lsr_run.collect import (LABEL_SOURCES, STAT_TESTS, build_table, keep_runs, load_records, source_note,
+                             to_markdown, with_kept_runs, write_outputs)
 from lsr_run.errors import LsrError
 from lsr_run.run_dir import write_text
 
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label-from", choices=LABEL_SOURCES, default="auto",
                         help="row labels: differing overrides (auto: when every run has .hydra/overrides.yaml, "
                              "else differing config keys), or the run folder names")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="copy each run's record (config, meta, metrics, per-query values, stats; no models or "
+                             "indexes) to <out>/runs/, and add the records kept there before whose runs are not "
+                             "given: a table re-collected on another machine keeps its earlier seeds")
     parser.add_argument("--recompute", action="store_true",
                         help="score a metric missing from metrics.json from runs/*.trec and the qrels "
                              "(loads each dataset)")
@@ -61,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.out = args.paths[0] / "collected"
     try:
-        records = load_records(args.paths, include_baselines=args.include_baselines, label_from=args.label_from,
+        run_paths = with_kept_runs(args.paths, args.out / "runs") if args.keep_runs else args.paths
+        records = load_records(run_paths, include_baselines=args.include_baselines, label_from=args.label_from,
                                seeds=args.seeds)
         table = build_table(records, metric=args.metric, baseline=args.baseline, alpha=args.alpha,
                             bonferroni=args.bonferroni, test=args.test, recompute=args.recompute,
                             extras=args.extra)
         # the source note first: the table's own new files would make the checkout read as changed
         note = source_note(records, " ".join(["scripts/collect.py", *map(shlex.quote, argv)]))
+        if args.keep_runs:
+            keep_runs(records, args.out / "runs")
         paths = write_outputs(table, args.out)
         paths["source"] = args.out / "source.md"
         write_text(paths["source"], note)

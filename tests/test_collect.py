@@ -576,3 +576,58 @@ def test_fusion_refuses_runs_scored_on_other_judgements_and_unfinished_folders(t
     with pytest.raises(LsrError, match="empty: not a finished run directory"):
         fuse_runs([a, tmp_path / "empty"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+def test_kept_run_records_let_a_table_gain_seeds_after_the_runs_are_gone(tmp_path, tiny_dataset):
+    """--keep-runs copies each run's record (no run files, models or indexes) to <out>/runs/; collected again on
+    another machine, with only that machine's runs given, the table keeps the earlier seeds, and equals the table
+    collected from every original run directory."""
+    import shutil
+    import statistics
+
+    cli = runpy.run_path(str(ROOT / "scripts" / "collect.py"), run_name="collect")
+    ranks = {"topk": lambda i, s: 2 + (i + s) % 5, "stratified": lambda i, s: 1 if (i + s) % 4 else 3}
+    for name, rank in ranks.items():
+        for seed in (1, 2):
+            where = tmp_path / ("machine_a" if seed == 1 else "machine_b") / f"{name}_s{seed}"
+            make_run(where, [f"sampling={name}", f"seed={seed}"], {i: rank(i, seed) for i in range(QUERIES)},
+                     tiny_dataset, config={"sampling": {"name": name}, "seed": seed})
+            (where / "sampling_stats.json").write_text(json.dumps({"teacher_variance": 1.0 + seed}))
+    run = tmp_path / "machine_a" / "topk_s1"
+    (run / "model").mkdir()
+    (run / "model" / "model.safetensors").write_bytes(b"weights")
+    shutil.copytree(run, tmp_path / "bm25_copy")
+    (run / "baselines" / "bm25").mkdir(parents=True)
+    for name in ("metrics.json", "per_query"):
+        (shutil.copytree if name == "per_query" else shutil.copy)(tmp_path / "bm25_copy" / name,
+                                                                   run / "baselines" / "bm25" / name)
+    args = ["--seeds", "--label-from", "folder", "--baseline", "topk", "--extra", "sampling_stats", "--keep-runs"]
+    everything = tmp_path / "everything"
+    assert cli["main"]([str(tmp_path / "machine_a"), str(tmp_path / "machine_b"), "--out", str(everything),
+                        *args[:-1]]) == 0
+    out = tmp_path / "results"
+    assert cli["main"]([str(tmp_path / "machine_a"), "--out", str(out), *args]) == 0
+    kept = out / "runs" / "topk_s1"
+    assert sorted(p.name for p in kept.iterdir()) == [".hydra", "baselines", "config.yaml", "metrics.json",
+                                                       "per_query", "sampling_stats.json"]
+    assert (kept / "baselines" / "bm25" / "per_query" / f"{DATASET}.json").exists()
+
+    shutil.rmtree(tmp_path / "machine_a")  # that machine's outputs are gone; only the kept records remain
+    assert cli["main"]([str(tmp_path / "machine_b"), "--out", str(out), *args]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["stratified_s1", "stratified_s2", "topk_s1",
+                                                                 "topk_s2"]
+    assert (out / "table.md").read_text() == (everything / "table.md").read_text()
+    per_seed = [json.loads((out / "runs" / f"stratified_s{s}" / "metrics.json").read_text())[DATASET]["ndcg@10"]
+                for s in (1, 2)]
+    row = next(line for line in (out / "table.csv").read_text().splitlines() if line.startswith("stratified"))
+    assert f"{statistics.mean(per_seed):.4f}" in row
+    assert "- 4 run directories" in (out / "source.md").read_text()
+    # the kept records alone collect into the same table; they are not copied onto themselves
+    assert cli["main"]([str(out / "runs"), "--out", str(out), *args]) == 0
+    assert (out / "table.md").read_text() == (everything / "table.md").read_text()
+
+    other = tmp_path / "elsewhere" / "topk_s2"  # a different run with a kept run's name: refused, nothing written
+    shutil.copytree(tmp_path / "machine_b" / "topk_s2", other)
+    before = (out / "table.md").stat().st_mtime_ns
+    assert cli["main"]([str(tmp_path / "machine_b"), str(other), "--out", str(out), *args]) == 2
+    assert (out / "table.md").stat().st_mtime_ns == before

@@ -849,6 +849,61 @@ def source_note(records: list[RunRecord], command: str) -> str:
                        f"- Machines (from the runs' meta.json): {'; '.join(machines) or 'none'}.", ""])
 
 
+# A run's record: what collect reads to rebuild the run's row, and what says how and where the run was made.
+# Models, encodings, indexes, run files and checkpoints stay behind (kilobytes a run instead of gigabytes).
+RECORD_FILES = ("config.yaml", "meta.json", "status.json", "metrics.json", "failed.json", "sampling_stats.json",
+                "head_scaling.json", "init_report.json", "train_log.jsonl")
+RECORD_DIRS = ("per_query", ".hydra")
+
+
+def _copy_record(src: Path, dst: Path) -> None:
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    for name in RECORD_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+
+
+def with_kept_runs(paths: list[Path], kept: Path) -> list[Path]:
+    """The run directories of ``paths``, plus each run record kept in ``kept`` (by ``keep_runs``, perhaps on
+    another machine) whose folder name none of them has: seeds made elsewhere join the table."""
+    runs = find_run_dirs(paths)
+    names = {p.name for p in runs}
+    extra = [p for p in find_run_dirs([kept]) if p.name not in names] if kept.is_dir() and any(kept.iterdir()) else []
+    return runs + extra
+
+
+def keep_runs(records: list[RunRecord], dest: Path) -> list[Path]:
+    """Copy the record of every run behind a table (each seed of a seeds row, with its ``baselines/<name>/``) to
+    ``dest/<run folder name>``: folders collect reads as the runs themselves, on any machine, after the runs'
+    outputs are gone. Two different runs with one folder name are refused before anything is written."""
+    import shutil
+
+    sources: dict[str, Path] = {}
+    for run in (m for r in records for m in (r.members or [r]) if r.baseline_name is None):
+        name, src = run.path.name, run.path.resolve()
+        if sources.setdefault(name, src) != src:
+            raise LsrError(f"keep runs: two runs are named {name} ({sources[name]}, {src}); rename one")
+    kept = []
+    for name, src in sources.items():
+        target = Path(dest) / name
+        if target.resolve() != src:  # else it is a kept record collected again: already there
+            tmp = target.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _copy_record(src, tmp)
+            baselines = src / "baselines"
+            for sub in sorted(p for p in baselines.iterdir() if p.is_dir()) if baselines.is_dir() else []:
+                _copy_record(sub, tmp / "baselines" / sub.name)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        kept.append(target)
+    return kept
+
+
 def write_outputs(table: Table, out_dir: Path, stem: str = "table") -> dict[str, Path]:
     from .run_dir import write_text
 
