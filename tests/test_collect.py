@@ -613,9 +613,10 @@ def test_kept_run_records_let_a_table_gain_seeds_after_the_runs_are_gone(tmp_pat
     assert (kept / "baselines" / "bm25" / "per_query" / f"{DATASET}.json").exists()
 
     shutil.rmtree(tmp_path / "machine_a")  # that machine's outputs are gone; only the kept records remain
+    shutil.copytree(kept, out / "runs" / ".topk_s3.tmp")  # a copy that was interrupted: not a run of the table
     assert cli["main"]([str(tmp_path / "machine_b"), "--out", str(out), *args]) == 0
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["stratified_s1", "stratified_s2", "topk_s1",
-                                                                 "topk_s2"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [".topk_s3.tmp", "stratified_s1", "stratified_s2",
+                                                                 "topk_s1", "topk_s2"]
     assert (out / "table.md").read_text() == (everything / "table.md").read_text()
     per_seed = [json.loads((out / "runs" / f"stratified_s{s}" / "metrics.json").read_text())[DATASET]["ndcg@10"]
                 for s in (1, 2)]

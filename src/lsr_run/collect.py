@@ -112,7 +112,9 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
         if is_run_dir(path):
             found.append(path)
             continue
-        jobs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=_sort_key)
+        # hidden folders are never runs (e.g. a record copy that was interrupted: see keep_runs)
+        jobs = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_run_dir(p)),
+                      key=_sort_key)
         if not jobs:
             names = ", ".join(str(p.relative_to(path)) for p in RunDir(path).identifying_files)
             raise LsrError(f"{path}: neither a run directory ({names}) nor a sweep directory holding any")
@@ -873,8 +875,9 @@ def with_kept_runs(paths: list[Path], kept: Path) -> list[Path]:
     another machine) whose folder name none of them has: seeds made elsewhere join the table."""
     runs = find_run_dirs(paths)
     names = {p.name for p in runs}
-    extra = [p for p in find_run_dirs([kept]) if p.name not in names] if kept.is_dir() and any(kept.iterdir()) else []
-    return runs + extra
+    if not kept.is_dir() or not any(is_run_dir(p) for p in kept.iterdir() if not p.name.startswith(".")):
+        return runs
+    return runs + [p for p in find_run_dirs([kept]) if p.name not in names]
 
 
 def keep_runs(records: list[RunRecord], dest: Path) -> list[Path]:
