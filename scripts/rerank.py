@@ -41,18 +41,16 @@ def main() -> None:
 
     from lsr_run.backends.lucene import LuceneBm25Backend
     from lsr_run.collect import paired_test
-    from lsr_run.data import read_trec_run
     from lsr_run.evaluation import evaluate_run
     from lsr_run.components import EvalDataset, load_spec
-    from lsr_run.provenance import corpus_digest
 
     node = OmegaConf.load(ROOT / "conf" / "teacher" / f"{args.teacher}.yaml")
     node.cache_dir = None
     for item in args.set:
-        key, sep, value = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or key not in node:
             raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(map(str, node))}")
-        node[key] = OmegaConf.from_dotlist([f"v={value}"]).v
+    node = OmegaConf.merge(node, OmegaConf.from_dotlist(args.set))
     teacher = instantiate(node)
     metrics = args.metrics.split(",")
     out = args.out or ROOT / "outputs" / "rerank" / f"{args.teacher}.json"
@@ -61,13 +59,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         ds = load_spec(EvalDataset(name=name, split="test"), os.environ["LSR_DATA_DIR"], None)
         queries = ds.judged_queries()
-        bm25 = LuceneBm25Backend(k1=0.9, b=0.4)
-        index = work / f"bm25-{name}-{corpus_digest(ds)}"  # keyed by the corpus' content: never a stale index
-        if not index.exists():
-            bm25.build_from_corpus(ds.corpus, index)
-        run_path = work / f"bm25-{name}-top{args.depth}.trec"
-        bm25.search_text(index, queries, args.depth, run_path)
-        run = read_trec_run(run_path)
+        run = LuceneBm25Backend(k1=0.9, b=0.4).top(ds, queries, args.depth, work)
         start = time.time()
         # scores cached by content (teacher, its weights, the pairs and their texts): a rerun costs nothing
         scores = teacher.score(queries, ds.corpus, {q: list(docs) for q, docs in run.items()}, work / "teacher-cache")

@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from lsr_run.backends.lucene import LuceneBm25Backend
     from lsr_run.components import EvalDataset, load_spec
-    from lsr_run.data import read_trec_run
     from lsr_run.errors import LsrError
     from lsr_run.models.backbone import resolve_model_path
     from lsr_run.models.splade import resolve_bf16
-    from lsr_run.provenance import corpus_digest
 
     started = time.time()
     ds = load_spec(EvalDataset(name=args.data, split=args.split, max_queries=args.max_queries),
@@ -92,14 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     if not queries:
         raise LsrError(f"--data {args.data} --split {args.split}: no judged queries to train on")
     work = args.out.parent / f".{args.out.name}-work"
-    # the index is keyed by the corpus file's content: a changed corpus never reuses an old index
-    index = work / f"bm25-{args.data}-{corpus_digest(ds)}"
-    run_path = work / f"bm25-{args.data}-{args.split}-top{args.depth}.trec"
-    bm25 = LuceneBm25Backend(k1=0.9, b=0.4)
-    if not index.exists():
-        bm25.build_from_corpus(ds.corpus, index)
-    bm25.search_text(index, queries, args.depth, run_path)
-    pairs, counts = training_pairs(ds.qrels, queries, read_trec_run(run_path), args.negatives, args.seed)
+    bm25 = LuceneBm25Backend(k1=0.9, b=0.4).top(ds, queries, args.depth, work)  # index and run keyed by content
+    pairs, counts = training_pairs(ds.qrels, queries, bm25, args.negatives, args.seed)
     doc_ids = sorted({d for _, d, _ in pairs})
     texts = dict(zip(doc_ids, ds.corpus.many(doc_ids)))
     log.info("%d pairs from %d queries (%d positives, %d BM25 negatives from the top %d)", len(pairs),

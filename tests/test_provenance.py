@@ -110,6 +110,34 @@ def test_resume_under_a_changed_training_config_is_refused(toy, tmp_path):
     assert "dropping checkpoint" in restarted.stderr
 
 
+@pytest.mark.integration
+def test_bm25_candidates_follow_corpus_queries_and_parameters(tmp_path):
+    """candidates=bm25 reuses its index and run file only for the same corpus content, queries, k1 and b: a changed
+    corpus (one folder name, rewritten), more training queries or another k1 get pools of their own."""
+    from lsr_run.candidates import Bm25Candidates
+    from lsr_run.data import load_folder
+
+    folder, work = tmp_path / "data" / "toy", tmp_path / "candidates"
+    _corpus(folder, 1)
+
+    def pools(queries: int, where: Path = work, **params):
+        ds = load_folder("toy", folder, "test")
+        positives = {q: list(ds.qrels[q]) for q in sorted(ds.qrels)[:queries]}
+        return Bm25Candidates(depth=5, **params).pools(ds, positives, where)
+
+    few, more = pools(3), pools(6)
+    assert len(few) == 3 and len(more) == 6  # more queries: searched, not read from the first run file
+    assert all(more[q] == few[q] for q in few)
+    assert pools(6) == more
+    runs = set(work.glob("bm25-*.trec"))
+    pools(6, k1=2.5)
+    assert len(set(work.glob("bm25-*.trec")) - runs) == 1  # another k1: another run file
+    _corpus(folder, 2)  # the same folder, another corpus
+    rewritten = pools(6)
+    assert rewritten == pools(6, tmp_path / "fresh") and rewritten != more
+    assert len([p for p in work.glob("bm25-toy-*") if p.is_dir()]) == 2  # an index per corpus content
+
+
 def test_teacher_cache_follows_the_file_content(tmp_path):
     from lsr_run.data import Corpus
     from lsr_run.teachers import FileTeacher

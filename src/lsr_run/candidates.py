@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Dataset, known, read_trec_run, run_table
+from .data import Dataset, known, run_table
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -100,17 +100,12 @@ class Bm25Candidates(CandidateSource):
     def pools(self, dataset: Dataset, positives: dict[str, list[str]], work_dir: Path) -> Pools:
         from .backends.lucene import LuceneBm25Backend
 
-        backend = LuceneBm25Backend(k1=self.k1, b=self.b)
-        index = Path(work_dir) / f"bm25-{dataset.corpus_key}"
-        if not index.exists():
-            backend.build_from_corpus(dataset.corpus, index)
-        run_path = Path(work_dir) / f"bm25-{dataset.name}-top{self.depth}.trec"
-        if not run_path.exists():
-            # extra depth so that removing positives still leaves `depth` candidates
-            extra = max(len(p) for p in positives.values())
-            backend.search_text(index, {q: dataset.queries[q] for q in positives}, self.depth + extra, run_path)
+        # extra depth so that removing positives still leaves `depth` candidates
+        extra = max(len(p) for p in positives.values())
+        run = LuceneBm25Backend(k1=self.k1, b=self.b).top(dataset, {q: dataset.queries[q] for q in positives},
+                                                          self.depth + extra, Path(work_dir))
         pools = {q: [d for d in ranked if d not in positives[q]][: self.depth]
-                 for q, ranked in _rank(read_trec_run(run_path), self.depth + 1000).items()}
+                 for q, ranked in _rank(run, self.depth + 1000).items()}
         return self.finish(pools, positives, dataset.corpus, "BM25")
 
 

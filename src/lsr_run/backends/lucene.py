@@ -154,3 +154,21 @@ class LuceneBm25Backend(TextBackend):
         # a query of only stopwords or unseen words has no result legitimately: an error only with an exception
         _search(index_dir, topics, run_path, k, self.threads,
                 ["-bm25", "-bm25.k1", str(self.k1), "-bm25.b", str(self.b)], max_terms, strict=False)
+
+    def top(self, dataset, queries: dict[str, str], k: int, work_dir: Path) -> dict[str, dict[str, float]]:
+        """BM25's top ``k`` of ``dataset``'s corpus for ``queries``, as {qid: {doc_id: score}}, through an index and
+        a run file kept in ``work_dir``. Both are named by what made them (the index by the corpus' content; the
+        run by the index, k1, b, k and every query's id and text), so a changed corpus, query set or parameter
+        never reuses an old one, and the same request costs nothing the second time."""
+        from ..data import read_trec_run
+        from ..provenance import corpus_digest, digest
+
+        work_dir = Path(work_dir)
+        index = work_dir / f"bm25-{dataset.name}-{corpus_digest(dataset)}"
+        if not index.exists():
+            self.build_from_corpus(dataset.corpus, index)
+        key = digest({"index": index.name, "k1": self.k1, "b": self.b, "k": k, "queries": sorted(queries.items())})
+        run_path = work_dir / f"bm25-{dataset.name}-top{k}-{key}.trec"
+        if not run_path.exists():
+            self.search_text(index, queries, k, run_path)
+        return read_trec_run(run_path)
