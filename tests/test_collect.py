@@ -627,6 +627,12 @@ def test_kept_run_records_let_a_table_gain_seeds_after_the_runs_are_gone(tmp_pat
     assert cli["main"]([str(out / "runs"), "--out", str(out), *args]) == 0
     assert (out / "table.md").read_text() == (everything / "table.md").read_text()
 
+    running = tmp_path / "machine_b" / "topk_s3"  # a run that has not ended: in the table, not kept
+    make_run(running, ["sampling=topk", "seed=3"], None, tiny_dataset, config={"sampling": {"name": "topk"}, "seed": 3})
+    assert cli["main"]([str(tmp_path / "machine_b"), "--out", str(out), *args]) == 0
+    assert not (out / "runs" / "topk_s3").exists() and "| 2/3 |" in (out / "table.md").read_text()
+    shutil.rmtree(running)
+
     other = tmp_path / "elsewhere" / "topk_s2"  # a different run with a kept run's name: refused, nothing written
     shutil.copytree(tmp_path / "machine_b" / "topk_s2", other)
     before = (out / "table.md").stat().st_mtime_ns

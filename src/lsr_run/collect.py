@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ import yaml
 from .errors import LsrError
 from .provenance import drop_inert, flatten
 from .run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 # config keys that never change a run's results (and so never label it)
 UNLABELLED_KEYS = ("hydra", "force", "expected", "inspect")
@@ -883,11 +886,16 @@ def with_kept_runs(paths: list[Path], kept: Path) -> list[Path]:
 def keep_runs(records: list[RunRecord], dest: Path) -> list[Path]:
     """Copy the record of every run behind a table (each seed of a seeds row, with its ``baselines/<name>/``) to
     ``dest/<run folder name>``: folders collect reads as the runs themselves, on any machine, after the runs'
-    outputs are gone. Two different runs with one folder name are refused before anything is written."""
+    outputs are gone. Two different runs with one folder name are refused before anything is written. A run that
+    has not ended (no metrics, no failure: still running, or stopped) is not kept: its record would be a stale
+    snapshot, collected as that run long after it finished elsewhere."""
     import shutil
 
     sources: dict[str, Path] = {}
     for run in (m for r in records for m in (r.members or [r]) if r.baseline_name is None):
+        if run.status == STATUS_NO_METRICS:
+            log.warning("keep runs: %s has not ended (no metrics.json, no failed.json): not kept", run.path)
+            continue
         name, src = run.path.name, run.path.resolve()
         if sources.setdefault(name, src) != src:
             raise LsrError(f"keep runs: two runs are named {name} ({sources[name]}, {src}); rename one")
