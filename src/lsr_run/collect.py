@@ -834,7 +834,7 @@ def source_note(records: list[RunRecord], command: str) -> str:
     its runs were made at (from each run's meta.json)."""
     import datetime
 
-    from .run_dir import git_state, read_json
+    from .run_dir import describe_cpu, git_state, read_json
 
     def commit(git: dict) -> str:
         return f"{(git.get('sha') or 'unknown')[:12]}{' (uncommitted changes)' if git.get('dirty') else ''}"
@@ -845,7 +845,7 @@ def source_note(records: list[RunRecord], command: str) -> str:
         meta = read_json(run.run.meta) if run.run.meta.exists() else {}
         commits[commit(meta.get("git") or {})] = None
         hw = meta.get("hardware") or {}
-        machines[f"{hw.get('cpu') or 'CPU not recorded'}, {hw.get('cpus', '?')} cores"
+        machines[f"{describe_cpu(hw)}, {hw.get('cpus', '?')} cores"
                  + (f", {', '.join(hw['gpus'])}" if hw.get("gpus") else "")] = None
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(["# Source of this table", "", f"- Command: `{command}`",

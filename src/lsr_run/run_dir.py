@@ -339,11 +339,44 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+# CPU features that decide how fast a run goes and which numerics ``bf16: auto`` picks on a CPU
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_details(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """Family and model numbers and the features of CPU_FEATURES that /proc/cpuinfo lists (x86 Linux; else empty):
+    machines that share a model name ("AMD EPYC") differ by generation, and their figures with them."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {}
+    if "cpu family" not in fields:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_family": fields["cpu family"], "cpu_model_number": fields.get("model", ""),
+            "cpu_features": [name for name in CPU_FEATURES if name in flags]}
+
+
+def describe_cpu(hw: dict) -> str:
+    """One line naming a run's CPU, e.g. 'AMD EPYC (family 26 model 2; avx2, avx512f, avx512_bf16)'."""
+    text = hw.get("cpu") or "CPU not recorded"
+    if hw.get("cpu_family"):
+        text += f" (family {hw['cpu_family']} model {hw.get('cpu_model_number', '?')}; " \
+                f"{', '.join(hw.get('cpu_features') or []) or 'none of ' + ', '.join(CPU_FEATURES)})"
+    return text
+
+
 def hardware() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "cpu": cpu_model(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    info = {"platform": platform.platform(), "cpu": cpu_model(), **cpu_details(), "python": sys.version.split()[0],
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
