@@ -1213,7 +1213,8 @@ def table(results: dict) -> str:
     env = results.get("environment", {})
     from lsr_run.run_dir import describe_cpu
 
-    notes.append(f"machine: {describe_cpu(env)}, {env.get('cpus', '?')} cores, {env.get('torch_threads', '?')} torch threads")
+    notes.append(f"machine: {describe_cpu(env)}, {env.get('cpus', '?')} cores, "
+                 f"{env.get('torch_threads', '?')} torch threads")
     notes.append(f"load average at start {env.get('load_average_start')}; timings that kept < 0.5 core busy "
                  f"(machine contended or process paused): {', '.join(results.get('starved_timings', [])) or 'none'}")
     return "\n".join(lines + notes)
