@@ -644,13 +644,26 @@ def train_worker(argv: list[str]) -> None:
     for i in range(1, a.warmup):
         step(i)
     sync(device)
-    times, cpu = [], []
+    # lsr-run attends in fp32 when it trains in bf16 on a CPU (models/attention.py). Each timed step is then
+    # followed by one with transformers' own sdpa attention in bf16, timed apart: the two, interleaved in one
+    # process, show what the switch buys on this machine.
+    from lsr_run.models.attention import NAME
+
+    mlm = getattr(model, "mlm", None)
+    ab = (mlm is not None and mlm.config._attn_implementation == NAME and device.type == "cpu" and bool(a.bf16))
+    times, cpu, native = [], [], []
     for i in range(a.warmup, a.warmup + a.steps):
         with Stopwatch() as watch:
             step(i)
             sync(device)
         times.append(watch.seconds)
         cpu.append(watch.cpu_seconds)
+        if ab:
+            mlm.set_attn_implementation("sdpa")
+            with Stopwatch() as watch:
+                step(i)
+            native.append(watch.seconds)
+            mlm.set_attn_implementation(NAME)
     median = statistics.median(times)  # of an even count: the mean of the middle two, not the slower one
     result = {"seconds": times, "cpu_seconds": cpu, "median_seconds_per_step": median,
               "examples_per_second": len(batch["queries"]) / median, "first_step": first,
@@ -660,6 +673,9 @@ def train_worker(argv: list[str]) -> None:
               "parameters": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if native:
+        result["bf16_sdpa_attention"] = {"seconds": native, "median_seconds_per_step": statistics.median(native),
+                                         "examples_per_second": len(batch["queries"]) / statistics.median(native)}
     Path(a.out).write_text(json.dumps(result, indent=2))
 
 
@@ -1134,6 +1150,11 @@ def table(results: dict) -> str:
         rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']}, {tr.get('negatives_per_query', 1)} neg)",
                      fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
                      fmt(tr["ratio_examples_per_second"], ".2f")))
+        if "bf16_sdpa_attention" in lsr:
+            alt = lsr["bf16_sdpa_attention"]
+            rows.append(("train", "examples/s, lsr-run with bf16 sdpa attention (interleaved)",
+                         fmt(alt["examples_per_second"], ".2f"), "",
+                         f"fp32 attention: {fmt(lsr['examples_per_second'] / alt['examples_per_second'], '.2f')}x"))
         if "compute" in tr:
             c = tr["compute"]
             rows.append(("train", f"% of matmul rate ({c['matmul_rate']['gflops']:.0f} GFLOP/s)",

@@ -185,3 +185,63 @@ def test_bf16_weights_encode_within_bf16_rounding_of_fp32(tiny_kind):
     assert strong.any()
     assert torch.allclose(bf16[strong], fp32[strong], rtol=0.1, atol=0.02)
     assert ((bf16 > 0) == (fp32 > 0)).float().mean() > 0.95  # the same vocabulary, up to terms at the edge
+
+
+def _train_forward(encoder, texts, bf16: bool):
+    """Term weights with a gradient (as in training, dropout off), and the gradient of a weighted sum of them with
+    respect to every parameter."""
+    encoder.eval()
+    encoder.zero_grad(set_to_none=True)
+    batch = encoder.tokenize(texts, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = encoder(batch["input_ids"], batch["attention_mask"])
+    (out * torch.linspace(0.5, 1.5, out.shape[1])).sum().backward()
+    return out.detach(), torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+
+
+def test_bf16_training_on_cpu_attends_in_fp32_with_sdpa_masks(tiny_kind, monkeypatch):
+    """bf16 training on a CPU goes through ``lsr_run_sdpa``: attention in fp32 (faster there than the bf16 kernel's
+    backward), padding masked as transformers' sdpa masks it, and no further from fp32 than the bf16 kernel is."""
+    import copy
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from lsr_run.models.attention import NAME
+
+    encoder = make_tiny_encoder(tiny_kind, active=0.05)
+    assert encoder.mlm.config._attn_implementation == NAME
+    native = copy.deepcopy(encoder)
+    native.mlm.set_attn_implementation("sdpa")
+    texts = ["a short query", "a much longer document about sparse retrieval and lucene impact indexes " * 3]
+
+    seen = []
+    original = sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, *args, **kwargs):
+        seen.append((query.dtype, None if mask is None else mask.dtype))
+        return original(module, query, key, value, mask, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    out, grads = _train_forward(encoder, texts, bf16=True)
+    assert seen and all(dtype == torch.float32 and mask is not None for dtype, mask in seen)
+
+    # padding stays masked: the short text alone equals the short text padded beside the long one
+    alone, _ = _train_forward(encoder, texts[:1], bf16=True)
+    assert torch.allclose(alone[0], out[0], rtol=0, atol=5e-4)  # attending padding moves it by ~3e-3
+
+    ref_out, ref_grads = _train_forward(copy.deepcopy(native), texts, bf16=False)
+    native_out, native_grads = _train_forward(native, texts, bf16=True)
+    for ours, theirs, ref, bound in ((out, native_out, ref_out, 0.03), (grads, native_grads, ref_grads, 0.15)):
+        err = (ours - ref).norm() / ref.norm()  # bf16's own rounding: ~1% on these outputs, ~6% on the gradients
+        assert err < bound and err <= 1.1 * (theirs - ref).norm() / ref.norm() + 1e-4
+        assert err <= 1.5 * (theirs - ref).norm() / ref.norm() + 1e-4
+
+    # no gradient (encoding), or fp32: transformers' sdpa itself, bit for bit
+    seen.clear()
+    batch = encoder.tokenize(texts, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = encoder(batch["input_ids"], batch["attention_mask"])
+        b = native(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(a, b) and all(dtype == torch.bfloat16 for dtype, _ in seen)
+    fp32_out, fp32_grads = _train_forward(encoder, texts, bf16=False)
+    assert torch.equal(fp32_out, ref_out) and torch.equal(fp32_grads, ref_grads)

@@ -71,8 +71,10 @@ class SpladeEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.settings = dict(settings or {})
         self.chunk = chunk
+        from .attention import use_fp32_backward_attention
         from .backbone import head_transform_path
 
+        use_fp32_backward_attention(mlm)  # bf16 training on a CPU attends in fp32: faster there, and closer to exact
         path = head_transform_path(mlm)
         self._transform_path = path if path and chunk > 0 else None
 
