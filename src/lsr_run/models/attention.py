@@ -11,6 +11,7 @@ bf16 kernel. Everything else (inference, CUDA, fp32) goes to transformers' ``sdp
 from __future__ import annotations
 
 import torch
+from transformers.integrations import sdpa_attention as _sdpa
 
 NAME = "lsr_run_sdpa"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -23,10 +24,8 @@ def upcast_needed(query: torch.Tensor) -> bool:
 
 def sdpa_fp32_backward(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' ``sdpa_attention_forward``, run in fp32 when ``upcast_needed``; -> (output, None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not upcast_needed(query):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        return _sdpa.sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     dtype = query.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
@@ -34,7 +33,7 @@ def sdpa_fp32_backward(module, query, key, value, attention_mask, *args, **kwarg
     if bias is not None and bias.is_floating_point():
         kwargs["position_bias"] = bias.float()
     with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+        out, weights = _sdpa.sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                               *args, **kwargs)
     return out.to(dtype), weights
 
