@@ -234,7 +234,6 @@ def test_bf16_training_on_cpu_attends_in_fp32_with_sdpa_masks(tiny_kind, monkeyp
     for ours, theirs, ref, bound in ((out, native_out, ref_out, 0.03), (grads, native_grads, ref_grads, 0.15)):
         err = (ours - ref).norm() / ref.norm()  # bf16's own rounding: ~1% on these outputs, ~6% on the gradients
         assert err < bound and err <= 1.1 * (theirs - ref).norm() / ref.norm() + 1e-4
-        assert err <= 1.5 * (theirs - ref).norm() / ref.norm() + 1e-4
 
     # no gradient (encoding), or fp32: transformers' sdpa itself, bit for bit
     seen.clear()

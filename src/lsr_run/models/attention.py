@@ -11,7 +11,9 @@ bf16 kernel. Everything else (inference, CUDA, fp32) goes to transformers' ``sdp
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention as _sdpa
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "lsr_run_sdpa"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -33,8 +35,8 @@ def sdpa_fp32_backward(module, query, key, value, attention_mask, *args, **kwarg
     if bias is not None and bias.is_floating_point():
         kwargs["position_bias"] = bias.float()
     with torch.autocast("cpu", enabled=False):
-        out, weights = _sdpa.sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              *args, **kwargs)
+        out, weights = _sdpa.sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                    attention_mask, *args, **kwargs)
     return out.to(dtype), weights
 
 
@@ -44,9 +46,6 @@ def register() -> str:
     Without a mask function of its own, transformers builds no mask for an implementation it does not know, and
     padding would be attended.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(NAME, sdpa_fp32_backward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
