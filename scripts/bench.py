@@ -9,9 +9,10 @@ encode   document encoding (docs/s): ``SpladeEncoder.encode`` (chunked max-logit
          for both (``SparseEncoder.encode`` has no precision switch: the autocast context is put around the call).
          Agreement is the max abs difference of the two outputs on the same texts at the same precision.
 train    one training step (examples/s, peak memory): ``score_batch`` + ``MarginMSE`` + ``FlopsRegularizer`` +
-         backward + AdamW against ``SpladeLoss(SparseMarginMSELoss)`` + backward + AdamW, on the same 8 (query,
-         positive, negative) triplets and teacher scores, same max lengths, same precision, dropout off on both
-         sides (as in the demo), gradient clipping on both. Tokenisation is inside the timed step on both sides.
+         backward + AdamW against ``SpladeLoss(SparseMarginMSELoss)`` + backward + AdamW (fused on both sides, as
+         both trainers run it), on the same 8 (query, positive, negative) triplets and teacher scores, same max
+         lengths, same precision, dropout off on both sides (as in the demo), gradient clipping on both.
+         Tokenisation is inside the timed step on both sides.
          Each side runs in its own fresh subprocess so peak memory is not shared; memory is the process'
          resident-set high-water mark (``VmHWM``; ``getrusage`` max RSS elsewhere) and its rise over the RSS just
          before the first step (on CUDA also ``torch.cuda.max_memory_allocated``). RSS is what the OS must
@@ -627,7 +628,12 @@ def train_worker(argv: list[str]) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    from lsr_run.train import FUSED_ADAMW_DEVICES
+
+    # both sides with AdamW's fused kernel: lsr-run's trainer uses it, and so does sentence-transformers' (the
+    # Trainer of transformers defaults to adamw_torch_fused from torch 2.8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01,
+                                  fused=device.type in FUSED_ADAMW_DEVICES or None)
 
     def step(i: int) -> dict:
         optimizer.zero_grad(set_to_none=True)

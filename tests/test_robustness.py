@@ -208,6 +208,31 @@ def test_prefetch_thread_trains_exactly_as_the_inline_loop(tmp_path):
     assert all(torch.equal(runs["true"][1][k], v) for k, v in runs["false"][1].items())
 
 
+def test_trainer_steps_with_fused_adamw_on_a_cpu_as_the_per_parameter_loop_does(tmp_path):
+    """AdamW's fused kernel on a CPU (what the trainer builds there): the same logged losses and final weights as
+    torch's per-parameter AdamW, within float reordering."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from lsr_run.losses import InfoNCE
+
+    runs = {}
+    for fused in (True, False):
+        trainer = _trainer(tmp_path / str(fused), InfoNCE())
+        assert trainer.optimizer.defaults["fused"] is True  # what the trainer itself chose on this CPU
+        if not fused:
+            trainer.optimizer = torch.optim.AdamW(trainer.encoder.parameters(), lr=trainer.spec.lr,
+                                                  weight_decay=trainer.spec.weight_decay)
+            trainer.scheduler = get_linear_schedule_with_warmup(trainer.optimizer, 0, trainer.spec.max_steps)
+        start = {k: v.clone() for k, v in trainer.encoder.state_dict().items()}
+        trainer.train()
+        log = [json.loads(line)["loss"] for line in trainer.run.train_log.read_text().splitlines()]
+        runs[fused] = (log, {k: v.clone() for k, v in trainer.encoder.state_dict().items()})
+        assert any(not torch.equal(v, start[k]) for k, v in runs[fused][1].items())  # the steps moved the weights
+    assert len(runs[True][0]) == 6 and runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.process  # inductor compiles in worker processes, about a minute on 2 CPU cores
 def test_compiled_encoder_trains_as_the_eager_one(tmp_path):
     """``train.compile``: the same logged losses and final weights as eager training, within float reordering;
