@@ -44,9 +44,11 @@ def test_max_logits_matches_full_projection_and_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("sparsity", [0.0, 0.97])
-def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, sparsity):
+@pytest.mark.parametrize("relu", [False, True])
+def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, sparsity, relu):
     """Values and gradients of hidden, decoder weight (tied to an input embedding or not) and bias, against
-    autograd through (B, L, V) logits; bf16 inputs are compared on the same bf16-rounded values."""
+    autograd through (B, L, V) logits; bf16 inputs are compared on the same bf16-rounded values. ``relu``: the
+    output goes through SPLADE's log(1 + relu), and ``relu_follows`` keeps winning tokens for live entries only."""
     torch.manual_seed(3)
     b, length, width, vocab = 4, 11, 16, 300
     ids = torch.randint(0, vocab, (b, length))
@@ -64,7 +66,7 @@ def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, spa
         bias = bias0.clone().requires_grad_()
         hidden = (embed[ids] @ proj).to(dtype)  # the "encoder": input embeddings -> hidden states
         if sparse:
-            out = max_logits(hidden, weight.to(dtype), bias, mask, chunk=64)
+            out = max_logits(hidden, weight.to(dtype), bias, mask, chunk=64, relu_follows=relu)
         else:
             logits = hidden.float() @ weight.to(dtype).float().T + bias
             if dtype == torch.float32:
@@ -72,6 +74,8 @@ def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, spa
             else:  # bf16 rounding makes exact ties, which amax splits: route through the same winning tokens
                 _, winners = _forward(hidden.detach(), weight.detach().to(dtype), mask, 64, with_index=True)
                 out = logits.gather(1, winners.unsqueeze(1)).squeeze(1)
+        if relu:
+            out = torch.log1p(torch.relu(out))
         (out * upstream).sum().backward()
         return out.detach(), weight.grad, bias.grad, (None if tied else embed.grad)
 
@@ -79,6 +83,24 @@ def test_sparse_backward_equals_autograd_on_the_full_projection(dtype, tied, spa
     for got, want in zip(run(True), run(False)):
         if want is not None:
             torch.testing.assert_close(got, want, **tol)
+
+
+def test_relu_follows_keeps_winners_of_live_entries_only_and_refuses_a_gradient_elsewhere():
+    """With ``relu_follows`` the winning tokens of live entries (max logit + bias > 0) are those of the full
+    index, the rest are -1; a gradient that reaches a dead entry (no relu after all) raises instead of going to a
+    wrong token."""
+    torch.manual_seed(5)
+    hidden, weight, bias = torch.randn(3, 7, 8), torch.randn(9000, 8), torch.randn(9000) - 2.0
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6])
+    values, full = _forward(hidden, weight, mask, 4096, with_index=True, per_row=True)
+    _, live_only = _forward(hidden, weight, mask, 4096, with_index=True, per_row=True, live_bias=bias)
+    live = values + bias > 0
+    assert 0 < int(live.sum()) < live.numel()
+    assert torch.equal(live_only[live], full[live]) and bool((live_only[~live] == -1).all())
+    weight.requires_grad_()
+    out = max_logits(hidden, weight, bias, mask, chunk=64, relu_follows=True)
+    with pytest.raises(RuntimeError, match="relu_follows"):
+        out.sum().backward()  # every entry gets a gradient: not what a relu would pass
 
 
 def test_max_logits_inference_path_equals_the_autograd_path():

@@ -30,14 +30,23 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, with_index: bool,
-             per_row: bool | None = None):
+             per_row: bool | None = None, live_bias: torch.Tensor | None = None):
     """(B, L, H) hidden, (V, H) weight in the compute dtype -> float32 (B, V) max logits without bias and,
-    ``with_index``, the (B, V) position of the winning token. ``per_row``: one text at a time (default: on CPU)."""
+    ``with_index``, the (B, V) position of the winning token. ``per_row``: one text at a time (default: on CPU).
+
+    ``live_bias`` (float32 (V,)): a relu follows, so only entries whose max logit + bias is > 0 can have a
+    gradient; one text at a time, the winning token is then found for those entries alone (an argmax over their
+    rows of the same tile) and the others keep index -1. Finding it for all 30k entries costs about as much as
+    the tile's matmul on a CPU; a trained SPLADE model keeps a few hundred entries per text."""
     b, vocab = h.shape[0], w.shape[0]
     values = torch.empty(b, vocab, dtype=torch.float32, device=h.device)
-    index = torch.zeros(b, vocab, dtype=torch.long, device=h.device) if with_index else None
+    per_row = per_row if per_row is not None else h.device.type == "cpu"
+    live_only = with_index and per_row and live_bias is not None
+    index = None
+    if with_index:
+        index = torch.full((b, vocab), -1 if live_only else 0, dtype=torch.long, device=h.device)
     real = mask.bool()
-    if per_row if per_row is not None else h.device.type == "cpu":
+    if per_row:
         for row in range(b):
             positions = torch.nonzero(real[row]).squeeze(1)
             if positions.numel() == 0:
@@ -46,7 +55,11 @@ def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, w
             hr = h[row, positions].T  # (H, n)
             for start in range(0, vocab, ROW_CHUNK):
                 logits = torch.matmul(w[start:start + ROW_CHUNK], hr)  # (C, n)
-                if with_index:
+                if live_only:
+                    v = logits.amax(dim=1)
+                    live = torch.nonzero(v.float() + live_bias[start:start + ROW_CHUNK] > 0).squeeze(1)
+                    index[row, start + live] = positions[logits[live].argmax(dim=1)]
+                elif with_index:
                     v, i = logits.max(dim=1)
                     index[row, start:start + ROW_CHUNK] = positions[i]
                 else:
@@ -68,13 +81,17 @@ def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, w
 
 class _MaxLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, mask, chunk, dtype):
-        values, index = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=True)
+    def forward(ctx, hidden, weight, bias, mask, chunk, dtype, relu_follows):
+        live_bias = None
+        if relu_follows:
+            live_bias = bias.float() if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
+        values, index = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=True,
+                                 live_bias=live_bias)
         if bias is not None:
             values += bias.float()
         ctx.save_for_backward(hidden, weight, index)
         ctx.has_bias = bias is not None
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.relu_follows = chunk, dtype, relu_follows
         return values
 
     @staticmethod
@@ -92,6 +109,9 @@ class _MaxLogits(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         h = hidden.reshape(b * length, width)
         pairs = torch.nonzero(grad)  # (N, 2): text, vocabulary entry
+        if ctx.relu_follows and pairs.shape[0] and index[pairs[:, 0], pairs[:, 1]].min() < 0:
+            raise RuntimeError("max_logits(relu_follows=True): a gradient reached an entry whose max logit + bias "
+                               "is <= 0, which a relu would have zeroed; pass relu_follows=False")
         for start in range(0, pairs.shape[0], SPARSE_CHUNK):
             text, entry = pairs[start:start + SPARSE_CHUNK].unbind(1)
             g = grad[text, entry].float().unsqueeze(1)  # (n, 1)
@@ -102,16 +122,19 @@ class _MaxLogits(torch.autograd.Function):
                 grad_weight.index_add_(0, entry, g * h[rows].float())
         grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (None if grad_hidden is None else grad_hidden.reshape(b, length, width).to(hidden.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype), grad_bias, None, None, None)
+                None if grad_weight is None else grad_weight.to(weight.dtype), grad_bias, None, None, None, None)
 
 
 def max_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
-               chunk: int = 4096) -> torch.Tensor:
-    """(B, L, H) hidden, (V, H) decoder weight, (V,) bias, (B, L) mask -> (B, V) float32 max logits."""
+               chunk: int = 4096, relu_follows: bool = False) -> torch.Tensor:
+    """(B, L, H) hidden, (V, H) decoder weight, (V,) bias, (B, L) mask -> (B, V) float32 max logits.
+
+    ``relu_follows``: the caller applies a relu (SPLADE's log(1 + relu)), so entries <= 0 get no gradient and
+    their winning tokens need not be kept; a gradient that reaches one anyway is an error, never misrouted."""
     dtype = _compute_dtype(hidden.device.type, hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-            return _MaxLogits.apply(hidden, weight, bias, mask, chunk, dtype)
+            return _MaxLogits.apply(hidden, weight, bias, mask, chunk, dtype, relu_follows)
         # encoding: no winning-token index to keep
         values, _ = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=False)
         if bias is not None:

@@ -97,7 +97,8 @@ class SpladeEncoder(nn.Module):
         hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         transform = self.mlm.get_submodule(self._transform_path)
         decoder = self.mlm.get_output_embeddings()
-        top = max_logits(transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk)
+        top = max_logits(transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk,
+                         relu_follows=True)
         return torch.log1p(torch.relu(top))
 
     def tokenize(self, texts: Sequence[str], max_length: int, device="model") -> dict[str, torch.Tensor]:
