@@ -13,7 +13,8 @@ train    one training step (examples/s, peak memory): ``score_batch`` + ``Margin
          both trainers run it), on the same 8 (query, positive, negative) triplets and teacher scores, same max
          lengths, same precision, dropout off on both sides (as in the demo), gradient clipping on both.
          Tokenisation is inside the timed step on both sides.
-         Each side runs in its own fresh subprocess so peak memory is not shared; memory is the process'
+         Each side runs in fresh subprocesses, in rounds ordered A B B A (a machine whose speed drifts weighs on
+         both sides alike; steps pool over a side's rounds), so peak memory is not shared; memory is the process'
          resident-set high-water mark (``VmHWM``; ``getrusage`` max RSS elsewhere) and its rise over the RSS just
          before the first step (on CUDA also ``torch.cuda.max_memory_allocated``). RSS is what the OS must
          provide, allocator caching included; torch has no caching allocator on CPU, so it tracks tensors.
@@ -75,7 +76,8 @@ SIZES = {
     "encode_docs": (64, 512),
     "encode_repeats": (1, 2),
     "train_warmup_steps": (1, 2),
-    "train_steps": (4, 6),
+    "train_steps": (4, 5),
+    "train_rounds": (1, 2),
     "search_query_copies": (1, 10),
     "search_fallback_docs": (300, 2000),
     "index_docs": (10_000, 100_000),
@@ -217,6 +219,7 @@ class Context:
         self.encode_docs = args.encode_docs or (4096 if gpu and not args.quick else size("encode_docs", args.quick))
         self.train_batch = args.train_batch or (32 if gpu else TRAIN_BATCH)
         self.negatives = args.negatives or (3 if gpu else 1)
+        self.train_rounds = args.train_rounds or size("train_rounds", args.quick)
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._encoder = None
@@ -487,17 +490,27 @@ def bench_train(ctx: Context) -> dict:
                     "warmup_steps": size("train_warmup_steps", ctx.quick), "steps": size("train_steps", ctx.quick),
                     "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": DOC_MAX_LENGTH,
                     "lambda_q": LAMBDA_Q, "lambda_d": LAMBDA_D, "sides": {}}
-    for side in ("lsr_run", "sentence_transformers"):
-        out = ctx.work / f"train_{side}.json"
-        out.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--side", side, "--batch", str(batch_path),
-               "--model-dir", str(model_dir), "--device", str(ctx.device), "--bf16", str(int(bf16)),
-               "--warmup", str(result["warmup_steps"]), "--steps", str(result["steps"]), "--out", str(out)]
-        timed_subprocess(cmd, log_path=ctx.work / f"train_{side}.log")
-        result["sides"][side] = json.loads(out.read_text())
-        s = result["sides"][side]
-        log.info("train %s: %.2f examples/s, peak RSS %.0f MB (+%.0f MB over pre-step), first loss %.4f", side,
-                 s["examples_per_second"], s["peak_rss_mb"], s["step_rss_rise_mb"], s["first_step"]["total"])
+    # Each side runs in fresh processes, in rounds ordered A B B A (A B B A ...): a machine whose speed drifts
+    # over minutes (shared cores) then weighs on both sides alike. Steps pool over a side's rounds.
+    rounds = {"lsr_run": [], "sentence_transformers": []}
+    for r in range(ctx.train_rounds):
+        for side in (("lsr_run", "sentence_transformers") if r % 2 == 0 else ("sentence_transformers", "lsr_run")):
+            out = ctx.work / f"train_{side}_{r}.json"
+            out.unlink(missing_ok=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--side", side, "--batch",
+                   str(batch_path), "--model-dir", str(model_dir), "--device", str(ctx.device), "--bf16",
+                   str(int(bf16)), "--warmup", str(result["warmup_steps"]), "--steps", str(result["steps"]),
+                   "--out", str(out)]
+            timed_subprocess(cmd, log_path=ctx.work / f"train_{side}_{r}.log")
+            s = json.loads(out.read_text())
+            rounds[side].append(s)
+            log.info("train %s, round %d: %.2f examples/s, peak RSS %.0f MB (+%.0f MB over pre-step), first loss "
+                     "%.4f", side, r + 1, s["examples_per_second"], s["peak_rss_mb"], s["step_rss_rise_mb"],
+                     s["first_step"]["total"])
+    result["rounds"] = ctx.train_rounds
+    result["sides"] = {side: pool_rounds(runs) for side, runs in rounds.items()}
+    result["round_ratios"] = [ratio(a["examples_per_second"], b["examples_per_second"])
+                              for a, b in zip(rounds["lsr_run"], rounds["sentence_transformers"])]
     lsr, st = result["sides"]["lsr_run"], result["sides"]["sentence_transformers"]
     result["ratio_examples_per_second"] = ratio(lsr["examples_per_second"], st["examples_per_second"])
     result["ratio_peak_rss"] = ratio(lsr["peak_rss_mb"], st["peak_rss_mb"])
@@ -531,6 +544,26 @@ def bench_train(ctx: Context) -> dict:
     log.info("train fp32 loss check: lsr-run %.4f, sentence-transformers %.4f",
              result["fp32_loss_check"]["lsr_run"]["total"], result["fp32_loss_check"]["sentence_transformers"]["total"])
     return result
+
+
+def pool_rounds(runs: list[dict]) -> dict:
+    """One side's rounds -> one record: the median over all their timed steps, the highest memory, the first
+    round's first-step loss (every round starts from the same weights), each round's own figures kept."""
+    seconds = [t for r in runs for t in r["seconds"]]
+    median = statistics.median(seconds)
+    pooled = {**runs[0], "seconds": seconds, "cpu_seconds": [t for r in runs for t in r["cpu_seconds"]],
+              "median_seconds_per_step": median,
+              "examples_per_second": runs[0]["examples_per_second"] * runs[0]["median_seconds_per_step"] / median,
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+              "step_rss_rise_mb": max(r["step_rss_rise_mb"] for r in runs), "per_round": runs}
+    if "cuda_peak_allocated_mb" in runs[0]:
+        pooled["cuda_peak_allocated_mb"] = max(r["cuda_peak_allocated_mb"] for r in runs)
+    if all("bf16_sdpa_attention" in r for r in runs):
+        native = [t for r in runs for t in r["bf16_sdpa_attention"]["seconds"]]
+        pooled["bf16_sdpa_attention"] = {
+            "seconds": native, "median_seconds_per_step": statistics.median(native),
+            "examples_per_second": pooled["examples_per_second"] * median / statistics.median(native)}
+    return pooled
 
 
 def load_training_model(side: str, model_dir: Path, batch: dict, device):
@@ -1156,6 +1189,9 @@ def table(results: dict) -> str:
         rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']}, {tr.get('negatives_per_query', 1)} neg)",
                      fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
                      fmt(tr["ratio_examples_per_second"], ".2f")))
+        if len(tr.get("round_ratios", [])) > 1:
+            rows.append(("train", "examples/s ratio of each round (A B B A order)", "", "",
+                         " ".join(fmt(r, ".2f") for r in tr["round_ratios"])))
         if "bf16_sdpa_attention" in lsr:
             alt = lsr["bf16_sdpa_attention"]
             rows.append(("train", "examples/s, lsr-run with bf16 sdpa attention (interleaved)",
@@ -1293,6 +1329,8 @@ def main() -> None:
     p.add_argument("--encode-docs", type=int, default=None, help="scifact documents encoded (512; 4096 on a GPU)")
     p.add_argument("--train-batch", type=int, default=None, help="queries per training step (8; 32 on a GPU)")
     p.add_argument("--negatives", type=int, default=None, help="negatives per query in the step (1; 3 on a GPU)")
+    p.add_argument("--train-rounds", type=int, default=None,
+                   help="fresh processes per training side, ordered A B B A (2; 1 with --quick)")
     p.add_argument("--model-id", default=None, help="backbone.model_id of the model timed (default: minilm_l6's)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections already in --out (re-run one section after a fix)")
