@@ -661,7 +661,10 @@ def train_worker(argv: list[str]) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()
-    from lsr_run.train import FUSED_ADAMW_DEVICES
+    from lsr_run.train import FUSED_ADAMW_DEVICES, keep_freed_memory
+
+    if a.side == "lsr_run" and device.type == "cpu":
+        keep_freed_memory()  # what lsr-run's trainer does on a CPU
 
     # both sides with AdamW's fused kernel: lsr-run's trainer uses it, and so does sentence-transformers' (the
     # Trainer of transformers defaults to adamw_torch_fused from torch 2.8)

@@ -12,6 +12,7 @@ consecutive checks, or a non-finite loss beyond ``max_nonfinite``, stop the run 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -33,6 +34,24 @@ from .run_dir import RunDir, atomic_path
 from .sampling import item_rng
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# freed blocks below this size stay in the process for reuse (glibc malloc; see keep_freed_memory)
+KEEP_FREED_BYTES = 256 << 20
+
+
+def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
+    """Let glibc's malloc keep freed blocks of up to ``limit`` bytes for reuse; -> whether it applied (glibc only).
+
+    By default glibc hands any freed block of 32 MB or more back to the OS at once, so a training step on a CPU
+    page-faults its large buffers afresh every time: at MiniLM's vocabulary four 47 MB embedding gradients a
+    step, about 12 ms each on 2 cores. Kept, they are reused: 5-20% less time a step there, the same peak memory.
+    Process-wide, as an allocator choice (tcmalloc, jemalloc) would be.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, 2 * limit))
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +300,8 @@ class Trainer:
         # on a 2-core CPU it takes a quarter of the per-parameter loop's time (MiniLM: 22 ms against 87 ms a step)
         self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                                            fused=encoder.device.type in FUSED_ADAMW_DEVICES or None)
+        if encoder.device.type == "cpu" and keep_freed_memory():
+            log.debug("malloc keeps freed blocks below %d MB for reuse", KEEP_FREED_BYTES >> 20)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, spec.warmup_steps, spec.max_steps)
         self.bf16 = resolve_bf16(spec.bf16, encoder.device, "train.bf16")
         self.step = 0
