@@ -42,7 +42,7 @@ lock: ## regenerate requirements.lock from pyproject.toml's ranges (pip-tools, w
 	  --no-emit-index-url --no-emit-find-links \
 	  -c $(VENV)-lock/torch-constraint.txt -o $(LOCK) pyproject.toml
 
-demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (2 cores: 9 min on an AMD EPYC Zen 5, 12 min on an Intel CPU with AMX, up to 20 min on other CPUs with native bf16, up to 78 min in fp32; +2-4 min install)
+demo: $(STAMP) ## train minilm_l6 on scifact, evaluate on scifact/cranfield/cisi beside BM25 (2 cores: 9-12 min on an AMD EPYC Zen 5, 12 min on an Intel CPU with AMX, up to 20 min on other CPUs with native bf16, up to 78 min in fp32; +2-4 min install)
 	$(LSR) experiment=demo
 
 bm25: $(STAMP) ## BM25 baseline (k1=0.9, b=0.4, title+text) on the local suite
