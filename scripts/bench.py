@@ -551,9 +551,9 @@ def pool_rounds(runs: list[dict]) -> dict:
     round's first-step loss (every round starts from the same weights), each round's own figures kept."""
     seconds = [t for r in runs for t in r["seconds"]]
     median = statistics.median(seconds)
+    examples = runs[0]["examples_per_second"] * runs[0]["median_seconds_per_step"]  # a step's, alike in every round
     pooled = {**runs[0], "seconds": seconds, "cpu_seconds": [t for r in runs for t in r["cpu_seconds"]],
-              "median_seconds_per_step": median,
-              "examples_per_second": runs[0]["examples_per_second"] * runs[0]["median_seconds_per_step"] / median,
+              "median_seconds_per_step": median, "examples_per_second": examples / median,
               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
               "step_rss_rise_mb": max(r["step_rss_rise_mb"] for r in runs), "per_round": runs}
     if "cuda_peak_allocated_mb" in runs[0]:
@@ -562,7 +562,7 @@ def pool_rounds(runs: list[dict]) -> dict:
         native = [t for r in runs for t in r["bf16_sdpa_attention"]["seconds"]]
         pooled["bf16_sdpa_attention"] = {
             "seconds": native, "median_seconds_per_step": statistics.median(native),
-            "examples_per_second": pooled["examples_per_second"] * median / statistics.median(native)}
+            "examples_per_second": examples / statistics.median(native)}
     return pooled
 
 

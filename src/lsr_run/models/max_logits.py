@@ -82,8 +82,10 @@ def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, w
 class _MaxLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, mask, chunk, dtype, relu_follows):
+        # only a CPU's per-text tiles look for live entries' winners alone (a GPU's batched tiles keep every one)
+        partial = relu_follows and hidden.device.type == "cpu"
         live_bias = None
-        if relu_follows:
+        if partial:
             live_bias = bias.float() if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
         values, index = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=True,
                                  live_bias=live_bias)
@@ -91,7 +93,7 @@ class _MaxLogits(torch.autograd.Function):
             values += bias.float()
         ctx.save_for_backward(hidden, weight, index)
         ctx.has_bias = bias is not None
-        ctx.chunk, ctx.dtype, ctx.relu_follows = chunk, dtype, relu_follows
+        ctx.chunk, ctx.dtype, ctx.partial = chunk, dtype, partial
         return values
 
     @staticmethod
@@ -109,9 +111,7 @@ class _MaxLogits(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         h = hidden.reshape(b * length, width)
         pairs = torch.nonzero(grad)  # (N, 2): text, vocabulary entry
-        # only a CPU's per-text tiles leave dead entries at -1 (a GPU keeps every winner): checked there, no sync here
-        if ctx.relu_follows and index.device.type == "cpu" and pairs.shape[0] and \
-                index[pairs[:, 0], pairs[:, 1]].min() < 0:
+        if ctx.partial and pairs.shape[0] and index[pairs[:, 0], pairs[:, 1]].min() < 0:
             raise RuntimeError("max_logits(relu_follows=True): a gradient reached an entry whose max logit + bias "
                                "is <= 0, which a relu would have zeroed; pass relu_follows=False")
         for start in range(0, pairs.shape[0], SPARSE_CHUNK):
