@@ -266,3 +266,68 @@ def test_bf16_training_on_cpu_attends_in_fp32_with_sdpa_masks(tiny_kind, monkeyp
     assert torch.equal(a, b) and all(dtype == torch.bfloat16 for dtype, _ in seen)
     fp32_out, fp32_grads = _train_forward(encoder, texts, bf16=False)
     assert torch.equal(fp32_out, ref_out) and torch.equal(fp32_grads, ref_grads)
+
+
+def _near_threshold_case(seed: int, vocab: int = 5000, width: int = 64):
+    """LayerNorm-scale hidden states and a decoder whose biases put every entry's fp32 max logit within 1e-3 of
+    zero, half just above and half just below: the cases a loose or wrong bound would get wrong."""
+    torch.manual_seed(seed)
+    hidden = torch.nn.functional.layer_norm(torch.randn(3, 13, width), (width,)) * 1.5
+    weight = torch.randn(vocab, width) / width ** 0.5
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 9:], mask[2, 1:] = 0, 0
+    exact = (hidden.double() @ weight.double().T).masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
+    # one bias per entry: text 0 sits 1e-3 above or below zero, the others land where they land
+    bias = (-exact[0] + torch.where(torch.rand(vocab) < 0.5, 1e-3, -1e-3)).float()
+    return hidden, weight, bias, mask, exact
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_bf16_screening_keeps_every_live_entry_and_its_fp32_value(with_index):
+    """Screening drops only entries it has proved dead: against a float64 projection, every entry whose max
+    logit + bias is > 0 gets its fp32 value (and, ``with_index``, its winning token); dead ones come back <= -bias,
+    so log(1 + relu) equals the unscreened output everywhere."""
+    for seed in range(3):
+        hidden, weight, bias, mask, exact = _near_threshold_case(seed)
+        plain, plain_index = _forward(hidden, weight, mask, 4096, with_index, per_row=True, live_bias=bias,
+                                      screen=False)
+        screened, index = _forward(hidden, weight, mask, 4096, with_index, per_row=True, live_bias=bias, screen=True)
+        live = exact + bias.double() > 0
+        assert 0 < int(live[0].sum()) < live.shape[1]
+        # the same fp32 sums in another order: a few ulps of logits up to about 5
+        torch.testing.assert_close(screened[live], plain[live], rtol=1e-6, atol=5e-6)
+        assert bool((screened[~live] + bias.expand_as(screened)[~live] <= 0).all())
+        assert torch.equal(torch.log1p(torch.relu(screened + bias)) > 0, live)
+        torch.testing.assert_close(torch.log1p(torch.relu(screened + bias)), torch.log1p(torch.relu(plain + bias)),
+                                   rtol=1e-6, atol=5e-6)
+        if with_index:
+            assert torch.equal(index[live], plain_index[live]) and bool((index[~live] == -1).all())
+
+
+def test_bf16_screening_follows_a_decoder_changed_in_place():
+    """The bf16 copy and row norms are kept per weight version: an optimizer step (in place) is seen."""
+    hidden, weight, bias, mask, _ = _near_threshold_case(7)
+    before, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
+    with torch.no_grad():
+        weight.mul_(1.01)
+    after, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
+    plain, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=False)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(torch.log1p(torch.relu(after + bias)), torch.log1p(torch.relu(plain + bias)),
+                               rtol=1e-6, atol=5e-6)
+
+
+def test_screened_training_step_has_the_gradients_of_the_unscreened_one():
+    """fp32 training through log(1 + relu): values and gradients (hidden, decoder, bias) with screening equal
+    those without."""
+    hidden0, weight0, bias0, mask, _ = _near_threshold_case(11)
+    upstream = torch.randn(3, weight0.shape[0])
+
+    def run(screen: bool):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in (hidden0, weight0, bias0))
+        out = torch.log1p(torch.relu(max_logits(hidden, weight, bias, mask, relu_follows=True, screen=screen)))
+        (out * upstream).sum().backward()
+        return out.detach(), hidden.grad, weight.grad, bias.grad
+
+    for got, want in zip(run(True), run(False)):  # fp32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
