@@ -404,6 +404,10 @@ def bench_encode(ctx: Context) -> dict:
     # weights cast to bf16 (encode.weights=bf16) rather than autocast over fp32 weights
     budget, cap = ctx.encode_batch * DOC_MAX_LENGTH, 4 * ctx.encode_batch
     variants = {"token_budget_fp32": (encoder, False, budget)}
+    from lsr_run.models.max_logits import screening_default
+
+    if screening_default(ctx.device):  # fp32 as above, with the head's bf16 screening off: what it buys
+        variants["fp32_unscreened"] = (encoder, False, None)
     if bf16_ok:
         import copy
 
@@ -419,7 +423,11 @@ def bench_encode(ctx: Context) -> dict:
                 out[positions] = weights.to("cpu", torch.float32)
             return out
 
-        seconds, _, out = best_of(run_variant, texts, repeats, ctx.device)
+        encoder.screen = False if name == "fp32_unscreened" else None
+        try:
+            seconds, _, out = best_of(run_variant, texts, repeats, ctx.device)
+        finally:
+            encoder.screen = None
         dps = n / min(seconds)
         result["lsr_run_variants"][name] = {
             "max_tokens": max_tokens, "batch_cap": cap if max_tokens else ctx.encode_batch, "seconds": seconds,

@@ -71,6 +71,8 @@ class SpladeEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.settings = dict(settings or {})
         self.chunk = chunk
+        # fp32 on a CPU with native bf16: the head screened through bf16 (max_logits); None: where it pays
+        self.screen: bool | None = None
         from .attention import use_fp32_backward_attention
         from .backbone import head_transform_path
 
@@ -98,7 +100,7 @@ class SpladeEncoder(nn.Module):
         transform = self.mlm.get_submodule(self._transform_path)
         decoder = self.mlm.get_output_embeddings()
         top = max_logits(transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk,
-                         relu_follows=True)
+                         relu_follows=True, screen=self.screen)
         return torch.log1p(torch.relu(top))
 
     def tokenize(self, texts: Sequence[str], max_length: int, device="model") -> dict[str, torch.Tensor]:
