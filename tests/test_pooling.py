@@ -305,13 +305,17 @@ def test_bf16_screening_keeps_every_live_entry_and_its_fp32_value(with_index):
 
 
 def test_bf16_screening_follows_a_decoder_changed_in_place():
-    """The bf16 copy and row norms are kept per weight version: an optimizer step (in place) is seen."""
+    """A decoder changed in place between calls (as AdamW's fused kernel does, without bumping the tensor's
+    version) is screened with its new values: nothing of the old one is kept."""
     hidden, weight, bias, mask, _ = _near_threshold_case(7)
-    before, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
-    with torch.no_grad():
-        weight.mul_(1.01)
-    after, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
-    plain, _ = _forward(hidden, weight, mask, 4096, False, per_row=True, live_bias=bias, screen=False)
+    param = torch.nn.Parameter(weight)
+    optimizer = torch.optim.AdamW([param], lr=0.2, fused=True)
+    with torch.no_grad():  # the same tensor object before and after the step
+        before, _ = _forward(hidden, param, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
+        param.grad = torch.randn_like(param)  # each weight moves by the learning rate, up or down
+        optimizer.step()
+        after, _ = _forward(hidden, param, mask, 4096, False, per_row=True, live_bias=bias, screen=True)
+        plain, _ = _forward(hidden, param, mask, 4096, False, per_row=True, live_bias=bias, screen=False)
     assert not torch.equal(before, after)
     torch.testing.assert_close(torch.log1p(torch.relu(after + bias)), torch.log1p(torch.relu(plain + bias)),
                                rtol=1e-6, atol=5e-6)
