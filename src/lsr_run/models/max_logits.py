@@ -162,7 +162,7 @@ class _MaxLogits(torch.autograd.Function):
         # only a CPU's per-text tiles look for live entries' winners alone (a GPU's batched tiles keep every one)
         partial = live_bias is not None
         values, index = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=True,
-                                 live_bias=None if live_bias is None else live_bias.detach(), screen=screen)
+                                 live_bias=live_bias, screen=screen)
         if bias is not None:
             values += bias.float()
         ctx.save_for_backward(hidden, weight, index)
@@ -213,13 +213,14 @@ def max_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     dtype = _compute_dtype(hidden.device.type, hidden.dtype)
     live_bias = None
     if relu_follows and hidden.device.type == "cpu":
-        live_bias = bias.float() if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
+        live_bias = (bias.detach().float() if bias is not None
+                     else weight.new_zeros(weight.shape[0], dtype=torch.float32))
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
             return _MaxLogits.apply(hidden, weight, bias, mask, chunk, dtype, live_bias, screen)
         # encoding: no winning-token index to keep
         values, _ = _forward(hidden.to(dtype), weight.to(dtype), mask, chunk, with_index=False,
-                             live_bias=None if live_bias is None else live_bias.detach(), screen=screen)
+                             live_bias=live_bias, screen=screen)
         if bias is not None:
             values += bias.float()
         return values
