@@ -73,7 +73,7 @@ table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-infla
 	$(PY) scripts/collect.py $(TABLES)/head_scaling_cpu --out $(RESULTS)/head_scaling_cpu --seeds --keep-runs --label-from folder \
 	  --baseline plain --baseline inflate16 --extra $(HEAD_NORMS)
 
-table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs of ~45 min on 2 AMD EPYC cores)
+table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, MarginMSE), bi-encoder teacher, 3 seeds at the demo's length (18 runs; in fp32 ~27 min a run alone on 2 AMD EPYC Zen 5 cores)
 	$(PY) scripts/sweep.py conf/sweep/sampling_cpu.yaml --out $(TABLES)/sampling_cpu $(SWEEP_ARGS)
 	for loss in kl_div margin_mse; do \
 	  ls -d $(TABLES)/sampling_cpu/*_$${loss}_s* > /dev/null 2>&1 || { echo "no $$loss runs yet"; continue; }; \
@@ -81,7 +81,7 @@ table-sampling-cpu: $(STAMP) ## top-K vs random vs stratified negatives x (KL, M
 	    --label-from folder --baseline topk_$$loss --baseline random_$$loss --extra sampling_stats || exit 1; \
 	done
 
-table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) beside BM25 on scifact, cranfield and cisi (~60 min a run on 2 AMD EPYC cores)
+table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) beside BM25 on scifact, cranfield and cisi (bf16: ~12-15 min a run alone on 2 AMD EPYC Zen 5 cores)
 	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_cpu/bm25
 	$(PY) scripts/sweep.py conf/sweep/ood_cpu.yaml --out $(TABLES)/ood_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --keep-runs --label-from folder \
