@@ -220,6 +220,7 @@ class Context:
         self.train_batch = args.train_batch or (32 if gpu else TRAIN_BATCH)
         self.negatives = args.negatives or (3 if gpu else 1)
         self.train_rounds = args.train_rounds or size("train_rounds", args.quick)
+        self.train_precision = args.train_precision
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._encoder = None
@@ -270,21 +271,31 @@ def matmul_rate(device, bf16: bool) -> dict:
     own GEMM shapes (feed-forward, attention projection, vocabulary projection), each timed after a warm-up."""
     import torch
 
+    from lsr_run.models import cpu_gemm
+
     dtype = torch.bfloat16 if bf16 else torch.float32
     big = device.type == "cuda"
     shapes = [(4096, 384, 1536), (4096, 1536, 384), (4096, 384, 30522)] + ([(8192, 8192, 8192)] if big else [])
+    # fp32 on a CPU: both GEMM libraries the wheels carry (torch.mm is MKL's sgemm; oneDNN's linear is what
+    # encode.cpu_gemm=onednn runs); the machine's rate is the faster
+    onednn = device.type == "cpu" and not bf16 and cpu_gemm._op_available()
     rates = {}
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        torch.mm(a, b)
-        sync(device)
-        repeats = 20 if big else 3
-        with Stopwatch() as watch:
-            for _ in range(repeats):
-                torch.mm(a, b)
+        kernels = {"": lambda: torch.mm(a, b)}
+        if onednn:
+            bt = b.t().contiguous()
+            kernels["onednn "] = lambda: cpu_gemm._dense(a, bt, None)
+        for label, kernel in kernels.items():
+            kernel()
             sync(device)
-        rates[f"{m}x{k}x{n}"] = 2 * m * k * n * repeats / watch.seconds / 1e9
+            repeats = 20 if big else 3
+            with Stopwatch() as watch:
+                for _ in range(repeats):
+                    kernel()
+                sync(device)
+            rates[f"{label}{m}x{k}x{n}"] = 2 * m * k * n * repeats / watch.seconds / 1e9
     return {"dtype": str(dtype).replace("torch.", ""), "gflops_by_shape": rates, "gflops": max(rates.values())}
 
 
@@ -375,10 +386,17 @@ def bench_encode(ctx: Context) -> dict:
         entry["ratio"] = ratio(entry["docs_per_second"]["lsr_run"], entry["docs_per_second"]["sentence_transformers"])
         result["precisions"][precision] = entry
         if precision == "fp32":
-            lsr_fp32 = a
+            lsr_fp32, st_fp32 = a, b
         log.info("encode %s: lsr-run %.1f docs/s, sentence-transformers %.1f docs/s, max |diff| %.2e", precision,
                  entry["docs_per_second"]["lsr_run"], entry["docs_per_second"]["sentence_transformers"],
                  entry["max_abs_diff"])
+    # fp32 "equal output" measured against the truth, not only against each other: the first 64 documents in
+    # float64 (full logits); each side's max and mean |error| over active entries
+    result["fp32_vs_float64"] = float64_errors(encoder, texts[:64], {"lsr_run": lsr_fp32[:64],
+                                                                    "sentence_transformers": st_fp32[:64]})
+    log.info("encode fp32 vs float64 (64 docs): lsr-run max |err| %.2e, sentence-transformers %.2e",
+             result["fp32_vs_float64"]["lsr_run"]["max_abs_error"],
+             result["fp32_vs_float64"]["sentence_transformers"]["max_abs_error"])
     # the same forward FLOPs on both sides (transformer + the full vocabulary projection): each side's GFLOP/s
     # against the matmul rate measured now at that precision says how far either is from the hardware's bound
     lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=DOC_MAX_LENGTH)["input_ids"]]
@@ -404,10 +422,14 @@ def bench_encode(ctx: Context) -> dict:
     # weights cast to bf16 (encode.weights=bf16) rather than autocast over fp32 weights
     budget, cap = ctx.encode_batch * DOC_MAX_LENGTH, 4 * ctx.encode_batch
     variants = {"token_budget_fp32": (encoder, False, budget)}
+    from lsr_run.models import cpu_gemm
     from lsr_run.models.max_logits import screening_default
 
     if screening_default(ctx.device):  # fp32 as above, with the head's bf16 screening off: what it buys
         variants["fp32_unscreened"] = (encoder, False, None)
+    onednn = ctx.device.type == "cpu" and cpu_gemm.onednn()
+    if onednn:  # fp32 as above, linear layers on the default BLAS (encode.cpu_gemm=mkl): what oneDNN buys
+        variants["fp32_default_blas"] = (encoder, False, None)
     if bf16_ok:
         import copy
 
@@ -424,10 +446,14 @@ def bench_encode(ctx: Context) -> dict:
             return out
 
         encoder.screen = False if name == "fp32_unscreened" else None
+        if name == "fp32_default_blas":
+            cpu_gemm.set_backend("mkl")
         try:
             seconds, _, out = best_of(run_variant, texts, repeats, ctx.device)
         finally:
             encoder.screen = None
+            if name == "fp32_default_blas":
+                cpu_gemm.set_backend("auto")
         dps = n / min(seconds)
         result["lsr_run_variants"][name] = {
             "max_tokens": max_tokens, "batch_cap": cap if max_tokens else ctx.encode_batch, "seconds": seconds,
@@ -438,6 +464,21 @@ def bench_encode(ctx: Context) -> dict:
                  result["lsr_run_variants"][name]["max_abs_diff_vs_lsr_run_fp32"])
         if dps > result["best"]["lsr_run"]["docs_per_second"]:
             result["best"]["lsr_run"] = {"precision": name, "docs_per_second": dps}
+    if onednn:
+        # the reference given the same fp32 GEMM library as lsr-run: what is left of the ratio without it
+        st_dnn = sentence_transformers_encoder(ctx.model_dir(), DOC_MAX_LENGTH, ctx.device)
+        cpu_gemm.use_cpu_gemm(st_dnn)
+
+        def run_st_dnn(batch: list[str]) -> torch.Tensor:
+            return st_dnn.encode(batch, batch_size=ctx.encode_batch, show_progress_bar=False).to_dense().float()
+
+        seconds, cpu_seconds, out_dnn = best_of(run_st_dnn, texts, repeats, ctx.device)
+        dps = n / min(seconds)
+        result["sentence_transformers_onednn_fp32"] = {
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "docs_per_second": dps,
+            "max_abs_diff_vs_lsr_run_fp32": float((out_dnn - lsr_fp32).abs().max()),
+            "lsr_run_fp32_ratio": ratio(result["precisions"]["fp32"]["docs_per_second"]["lsr_run"], dps)}
+        log.info("encode sentence-transformers fp32 with oneDNN linear layers: %.1f docs/s", dps)
     if bf16_ok:
         # sentence-transformers' other bf16 route: the weights themselves in bf16
         st16 = sentence_transformers_encoder(ctx.model_dir(), DOC_MAX_LENGTH, ctx.device, dtype=torch.bfloat16)
@@ -456,6 +497,33 @@ def bench_encode(ctx: Context) -> dict:
     result["best"]["ratio"] = ratio(result["best"]["lsr_run"]["docs_per_second"],
                                     result["best"]["sentence_transformers"]["docs_per_second"])
     return result
+
+
+def float64_errors(encoder, texts: list[str], outputs: dict) -> dict:
+    """Each fp32 output's |error| against the same model in float64 (full logits, no screening)."""
+    import copy
+
+    import torch
+
+    from lsr_run.models.splade import splade_pool
+
+    model = copy.deepcopy(encoder).to("cpu", torch.float64)
+    with torch.inference_mode():
+        batch = model.tokenize(texts, DOC_MAX_LENGTH, device=None)
+        hidden = model.mlm.base_model(**batch).last_hidden_state
+        transform = model.mlm.get_submodule(model._transform_path) if model._transform_path else None
+        if transform is None:
+            logits = model.logits(batch["input_ids"], batch["attention_mask"])
+        else:
+            logits = model.mlm.get_output_embeddings()(transform(hidden))
+        truth = splade_pool(logits, batch["attention_mask"])
+    out = {}
+    for name, values in outputs.items():
+        error = (values.double() - truth).abs()
+        active = truth > 0
+        out[name] = {"max_abs_error": float(error.max()),
+                     "mean_abs_error_active": float(error[active].mean()) if active.any() else 0.0}
+    return out
 
 
 # ==================================================================================== 2. training step
@@ -492,7 +560,8 @@ def bench_train(ctx: Context) -> dict:
 
     batch_path = ctx.work / "train_batch.json"
     batch = training_batch(batch_path, ctx.train_batch, ctx.negatives)
-    bf16 = resolve_bf16("auto", ctx.device)
+    bf16 = resolve_bf16(ctx.train_precision.replace("fp32", "false").replace("bf16", "true"), ctx.device,
+                        "--train-precision")
     model_dir = ctx.model_dir()
     result: dict = {"examples_per_step": ctx.train_batch, "negatives_per_query": ctx.negatives, "precision": "bf16" if bf16 else "fp32",
                     "warmup_steps": size("train_warmup_steps", ctx.quick), "steps": size("train_steps", ctx.quick),
@@ -500,15 +569,21 @@ def bench_train(ctx: Context) -> dict:
                     "lambda_q": LAMBDA_Q, "lambda_d": LAMBDA_D, "sides": {}}
     # Each side runs in fresh processes, in rounds ordered A B B A (A B B A ...): a machine whose speed drifts
     # over minutes (shared cores) then weighs on both sides alike. Steps pool over a side's rounds.
-    rounds = {"lsr_run": [], "sentence_transformers": []}
+    from lsr_run.models import cpu_gemm
+
+    sides = ["lsr_run", "sentence_transformers"]
+    if ctx.device.type == "cpu" and not bf16 and cpu_gemm.onednn():
+        sides.append("lsr_run_default_blas")  # lsr-run with encode.cpu_gemm=mkl: what oneDNN buys in fp32
+    rounds: dict[str, list] = {side: [] for side in sides}
     for r in range(ctx.train_rounds):
-        for side in (("lsr_run", "sentence_transformers") if r % 2 == 0 else ("sentence_transformers", "lsr_run")):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
             out = ctx.work / f"train_{side}_{r}.json"
             out.unlink(missing_ok=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--side", side, "--batch",
-                   str(batch_path), "--model-dir", str(model_dir), "--device", str(ctx.device), "--bf16",
-                   str(int(bf16)), "--warmup", str(result["warmup_steps"]), "--steps", str(result["steps"]),
-                   "--out", str(out)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--side",
+                   side.replace("_default_blas", ""), "--batch", str(batch_path), "--model-dir", str(model_dir),
+                   "--device", str(ctx.device), "--bf16", str(int(bf16)), "--warmup", str(result["warmup_steps"]),
+                   "--steps", str(result["steps"]), "--out", str(out),
+                   "--cpu-gemm", "mkl" if side.endswith("_default_blas") else "auto"]
             timed_subprocess(cmd, log_path=ctx.work / f"train_{side}_{r}.log")
             s = json.loads(out.read_text())
             rounds[side].append(s)
@@ -521,6 +596,12 @@ def bench_train(ctx: Context) -> dict:
                               for a, b in zip(rounds["lsr_run"], rounds["sentence_transformers"])]
     lsr, st = result["sides"]["lsr_run"], result["sides"]["sentence_transformers"]
     result["ratio_examples_per_second"] = ratio(lsr["examples_per_second"], st["examples_per_second"])
+    if "lsr_run_default_blas" in result["sides"]:
+        blas = result["sides"]["lsr_run_default_blas"]
+        result["ratio_onednn_vs_default_blas"] = ratio(lsr["examples_per_second"], blas["examples_per_second"])
+        result["ratio_default_blas_vs_reference"] = ratio(blas["examples_per_second"], st["examples_per_second"])
+        log.info("train fp32: lsr-run %.2f examples/s with oneDNN linear layers, %.2f with the default BLAS (%.2fx)",
+                 lsr["examples_per_second"], blas["examples_per_second"], result["ratio_onednn_vs_default_blas"])
     result["ratio_peak_rss"] = ratio(lsr["peak_rss_mb"], st["peak_rss_mb"])
     result["ratio_step_rss_rise"] = ratio(lsr["step_rss_rise_mb"], st["step_rss_rise_mb"])
     if "cuda_peak_allocated_mb" in lsr:
@@ -654,9 +735,13 @@ def train_worker(argv: list[str]) -> None:
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--cpu-gemm", default="auto", help="encode.cpu_gemm for this process")
     a = p.parse_args(argv)
     import torch
 
+    from lsr_run.models import cpu_gemm
+
+    cpu_gemm.set_backend(a.cpu_gemm)
     device = torch.device(a.device)
     batch = json.loads(Path(a.batch).read_text())
     teacher = torch.tensor(batch["teacher"], dtype=torch.float32, device=device)  # (B, 2): positive, negative
@@ -1194,12 +1279,30 @@ def table(results: dict) -> str:
         for p, e in enc["precisions"].items():
             rows.append(("encode", f"max |diff| {p}", fmt(e["max_abs_diff"], ".2e"), "",
                          f"{fmt(100 * e['quantized_equal_fraction'], '.2f')}% impacts equal"))
+        if "fp32_vs_float64" in enc:
+            err = enc["fp32_vs_float64"]
+            rows.append(("encode", "fp32 max |error| vs float64 (64 docs)", fmt(err["lsr_run"]["max_abs_error"], ".2e"),
+                         fmt(err["sentence_transformers"]["max_abs_error"], ".2e"), ""))
+        blas = enc.get("lsr_run_variants", {}).get("fp32_default_blas")
+        if blas:
+            rows.append(("encode", "docs/s fp32, lsr-run on the default BLAS (encode.cpu_gemm=mkl)",
+                         fmt(blas["docs_per_second"]), "",
+                         f"oneDNN: {fmt(1 / blas['vs_fixed_batches_same_precision'], '.2f')}x"))
+        if "sentence_transformers_onednn_fp32" in enc:
+            dnn = enc["sentence_transformers_onednn_fp32"]
+            rows.append(("encode", "docs/s fp32, sentence-transformers given oneDNN linear layers",
+                         fmt(enc["precisions"]["fp32"]["docs_per_second"]["lsr_run"]), fmt(dnn["docs_per_second"]),
+                         fmt(dnn["lsr_run_fp32_ratio"], ".2f")))
     tr = results.get("train")
     if tr:
         lsr, st = tr["sides"]["lsr_run"], tr["sides"]["sentence_transformers"]
         rows.append(("train", f"examples/s ({tr['precision']}, B={tr['examples_per_step']}, {tr.get('negatives_per_query', 1)} neg)",
                      fmt(lsr["examples_per_second"], ".2f"), fmt(st["examples_per_second"], ".2f"),
                      fmt(tr["ratio_examples_per_second"], ".2f")))
+        if "lsr_run_default_blas" in tr["sides"]:
+            rows.append(("train", "examples/s, lsr-run on the default BLAS (encode.cpu_gemm=mkl)",
+                         fmt(tr["sides"]["lsr_run_default_blas"]["examples_per_second"], ".2f"),
+                         fmt(st["examples_per_second"], ".2f"), fmt(tr["ratio_default_blas_vs_reference"], ".2f")))
         if len(tr.get("round_ratios", [])) > 1:
             rows.append(("train", "examples/s ratio of each round (A B B A order)", "", "",
                          " ".join(fmt(r, ".2f") for r in tr["round_ratios"])))
@@ -1340,6 +1443,8 @@ def main() -> None:
     p.add_argument("--encode-docs", type=int, default=None, help="scifact documents encoded (512; 4096 on a GPU)")
     p.add_argument("--train-batch", type=int, default=None, help="queries per training step (8; 32 on a GPU)")
     p.add_argument("--negatives", type=int, default=None, help="negatives per query in the step (1; 3 on a GPU)")
+    p.add_argument("--train-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the training step's precision on both sides (auto: bf16 where the device computes it natively)")
     p.add_argument("--train-rounds", type=int, default=None,
                    help="fresh processes per training side, ordered A B B A (2; 1 with --quick)")
     p.add_argument("--model-id", default=None, help="backbone.model_id of the model timed (default: minilm_l6's)")

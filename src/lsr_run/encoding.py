@@ -19,6 +19,7 @@ import torch
 from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
                       write_vectors)
 from .errors import ConfigError
+from .models.cpu_gemm import CHOICES as CPU_GEMM_CHOICES
 from .models.splade import SpladeEncoder, switch
 from . import interrupt
 from .run_dir import EncodedCorpus, atomic_path, write_error, write_json
@@ -39,11 +40,14 @@ class EncodeSpec:
     shard_size: int = 100_000  # docs per shard at most; 0: no limit (shards = indexing threads)
     max_tokens: int | None = None  # batches by a token budget (batch_size then caps the texts per batch)
     weights: str | None = None  # bf16: encode with the weights cast to bf16, rather than autocast over fp32
+    cpu_gemm: str = "auto"  # fp32 CPU linear layers: auto | onednn | mkl (models/cpu_gemm.py), process-wide
 
     def __post_init__(self) -> None:
         switch(self.bf16, False, "encode.bf16")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"encode.max_tokens={self.max_tokens}: must be >= 1 (or null: batch_size texts)")
+        if str(self.cpu_gemm).lower() not in CPU_GEMM_CHOICES:
+            raise ConfigError(f"encode.cpu_gemm={self.cpu_gemm}: allowed {', '.join(CPU_GEMM_CHOICES)}")
         if self.weights not in (None, "bf16"):
             raise ConfigError(f"encode.weights={self.weights}: allowed null (as loaded), bf16")
 

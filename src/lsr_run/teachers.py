@@ -333,8 +333,11 @@ class BiEncoderTeacher(Teacher):
 
         from .models.backbone import resolve_model_path
 
+        from .models.cpu_gemm import use_cpu_gemm
+
         model = SentenceTransformer(resolve_model_path(self.model), device="cpu" if not _cuda() else "cuda")
         model.max_seq_length = self.max_length
+        use_cpu_gemm(model)
         qids = list(pairs)
         doc_ids = sorted({d for docs in pairs.values() for d in docs})
         q_emb = model.encode([queries[q] for q in qids], batch_size=self.batch_size, normalize_embeddings=True,
@@ -363,12 +366,14 @@ class CrossEncoderTeacher(Teacher):
 
         from .errors import LsrError
         from .models.backbone import resolve_model_path
+        from .models.cpu_gemm import use_cpu_gemm
 
         try:
             model = CrossEncoder(resolve_model_path(self.model), max_length=self.max_length)
         except OSError as e:
             raise LsrError(f"teacher.model={self.model}: cannot be loaded (offline?); pass a local path. "
                            f"({str(e).splitlines()[0][:200]})") from None
+        use_cpu_gemm(model)
         flat = [(q, d) for q, docs in pairs.items() for d in docs]
         doc_texts = corpus.many([d for _, d in flat])
         values = model.predict([(queries[q], t) for (q, _), t in zip(flat, doc_texts)], batch_size=self.batch_size,

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_gemm import linear
+
 # vocabulary entries per (entries x tokens) tile when a CPU encodes one text at a time: a few MB per text
 ROW_CHUNK = 8192
 # (text, entry) gradient pairs per gather/scatter-add in backward: bounds its memory to about 100 MB at H=384
@@ -67,7 +69,7 @@ def _screen_row(hr: torch.Tensor, w: torch.Tensor, w_bf16: torch.Tensor, w_norms
     margin = (h_bf16_norm * w_residual_norm + h_residual_norm * w_norm + gamma * h_bf16_norm * w_bf16_norm) * 1.01
     bound = values + values.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + margin + 1e-6
     candidates = torch.nonzero(bound + live_bias > 0).squeeze(1)
-    logits = torch.matmul(hr, w.index_select(0, candidates).T)  # (n, candidates), fp32
+    logits = linear(hr, w.index_select(0, candidates))  # (n, candidates), fp32
     if with_index:
         exact, winners = logits.max(dim=0)
     else:
@@ -129,9 +131,9 @@ def _forward(h: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, chunk: int, w
                     live = exact + live_bias[candidates] > 0
                     index[row, candidates[live]] = positions[winners[live]]
                 continue
-            hr = h[row, positions].T  # (H, n)
+            hr = h[row, positions]  # (n, H)
             for start in range(0, vocab, ROW_CHUNK):
-                logits = torch.matmul(w[start:start + ROW_CHUNK], hr)  # (C, n)
+                logits = linear(w[start:start + ROW_CHUNK], hr)  # (C, n)
                 if live_only:
                     v = logits.amax(dim=1)
                     live = torch.nonzero(v.float() + live_bias[start:start + ROW_CHUNK] > 0).squeeze(1)
