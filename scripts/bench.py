@@ -510,13 +510,7 @@ def float64_errors(encoder, texts: list[str], outputs: dict) -> dict:
     model = copy.deepcopy(encoder).to("cpu", torch.float64)
     with torch.inference_mode():
         batch = model.tokenize(texts, DOC_MAX_LENGTH, device=None)
-        hidden = model.mlm.base_model(**batch).last_hidden_state
-        transform = model.mlm.get_submodule(model._transform_path) if model._transform_path else None
-        if transform is None:
-            logits = model.logits(batch["input_ids"], batch["attention_mask"])
-        else:
-            logits = model.mlm.get_output_embeddings()(transform(hidden))
-        truth = splade_pool(logits, batch["attention_mask"])
+        truth = splade_pool(model.logits(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
     out = {}
     for name, values in outputs.items():
         error = (values.double() - truth).abs()
@@ -560,8 +554,7 @@ def bench_train(ctx: Context) -> dict:
 
     batch_path = ctx.work / "train_batch.json"
     batch = training_batch(batch_path, ctx.train_batch, ctx.negatives)
-    bf16 = resolve_bf16(ctx.train_precision.replace("fp32", "false").replace("bf16", "true"), ctx.device,
-                        "--train-precision")
+    bf16 = resolve_bf16({"auto": "auto", "fp32": "false", "bf16": "true"}[ctx.train_precision], ctx.device)
     model_dir = ctx.model_dir()
     result: dict = {"examples_per_step": ctx.train_batch, "negatives_per_query": ctx.negatives, "precision": "bf16" if bf16 else "fp32",
                     "warmup_steps": size("train_warmup_steps", ctx.quick), "steps": size("train_steps", ctx.quick),

@@ -19,7 +19,7 @@ import torch
 from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
                       write_vectors)
 from .errors import ConfigError
-from .models.cpu_gemm import CHOICES as CPU_GEMM_CHOICES
+from .models import cpu_gemm
 from .models.splade import SpladeEncoder, switch
 from . import interrupt
 from .run_dir import EncodedCorpus, atomic_path, write_error, write_json
@@ -46,8 +46,7 @@ class EncodeSpec:
         switch(self.bf16, False, "encode.bf16")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"encode.max_tokens={self.max_tokens}: must be >= 1 (or null: batch_size texts)")
-        if str(self.cpu_gemm).lower() not in CPU_GEMM_CHOICES:
-            raise ConfigError(f"encode.cpu_gemm={self.cpu_gemm}: allowed {', '.join(CPU_GEMM_CHOICES)}")
+        cpu_gemm.check(self.cpu_gemm, "encode.cpu_gemm")
         if self.weights not in (None, "bf16"):
             raise ConfigError(f"encode.weights={self.weights}: allowed null (as loaded), bf16")
 

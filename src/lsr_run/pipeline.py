@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed, interrupt
+from .models import cpu_gemm
 from . import provenance as prov
 from . import run_dir as rd
 from . import stages
@@ -117,8 +118,6 @@ def run(cfg: DictConfig, root: Path) -> dict:
     run_dir = RunDir(Path(root))
     torch.manual_seed(int(cfg.seed))
     ctx = stages.prepare(cfg, run_dir.root)  # validates everything before any file (or the lock) is written
-    from .models import cpu_gemm
-
     cpu_gemm.set_backend(ctx.parts.encode.cpu_gemm)
     if group.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -155,8 +154,6 @@ def _run_locked(cfg: DictConfig, run_dir: RunDir, group, ctx: stages.StageContex
         meta["lock"] = lock_record()
         meta["paths"] = OmegaConf.to_container(cfg.paths, resolve=True) if "paths" in cfg else None
         meta["processes"] = group.world
-        from .models import cpu_gemm
-
         meta["cpu_gemm"] = "onednn" if cpu_gemm.onednn() else "default"  # fp32 CPU linear layers (encode.cpu_gemm)
         rd.write_json(run_dir.meta, meta)
         rd.write_json(run_dir.status, {"state": "running", "pid": os.getpid()})

@@ -332,7 +332,6 @@ class BiEncoderTeacher(Teacher):
         from sentence_transformers import SentenceTransformer
 
         from .models.backbone import resolve_model_path
-
         from .models.cpu_gemm import use_cpu_gemm
 
         model = SentenceTransformer(resolve_model_path(self.model), device="cpu" if not _cuda() else "cuda")

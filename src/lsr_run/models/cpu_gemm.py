@@ -48,15 +48,20 @@ def _op_available() -> bool:
         return False
 
 
-def set_backend(setting: str = "auto", key: str = "encode.cpu_gemm") -> bool:
-    """Choose the fp32 CPU GEMM backend for this process; -> whether oneDNN is used."""
-    global _setting, _resolved
+def check(setting, key: str = "encode.cpu_gemm") -> str:
+    """A backend setting in lower case, or a ConfigError that names ``key``."""
     text = str(setting).lower()
     if text not in CHOICES:
         from ..errors import ConfigError
 
         raise ConfigError(f"{key}={setting}: allowed {', '.join(CHOICES)}")
-    _setting, _resolved = text, None
+    return text
+
+
+def set_backend(setting: str = "auto", key: str = "encode.cpu_gemm") -> bool:
+    """Choose the fp32 CPU GEMM backend for this process; -> whether oneDNN is used."""
+    global _setting, _resolved
+    _setting, _resolved = check(setting, key), None
     return onednn()
 
 

@@ -77,8 +77,8 @@ class SpladeEncoder(nn.Module):
         from .backbone import head_transform_path
         from .cpu_gemm import use_cpu_gemm
 
-        use_fp32_backward_attention(mlm)
-        use_cpu_gemm(mlm)  # fp32 linear layers on a CPU through oneDNN where the backend says so (encode.cpu_gemm)  # bf16 training on a CPU attends in fp32: faster there, and closer to exact
+        use_fp32_backward_attention(mlm)  # bf16 training on a CPU attends in fp32: faster there, and closer to exact
+        use_cpu_gemm(mlm)  # fp32 linear layers on a CPU through oneDNN where the backend says so (encode.cpu_gemm)
         path = head_transform_path(mlm)
         self._transform_path = path if path and chunk > 0 else None
 
