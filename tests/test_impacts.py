@@ -1,6 +1,6 @@
 import torch
 
-from lsr_run.impacts import QUANTIZATION_SCALE, quantize, term_vocabulary, to_sparse
+from lsr_run.impacts import QUANTIZATION_SCALE, quantize, term_vocabulary, to_sparse, top_k
 
 
 def test_quantize_rounds_and_scales():
@@ -14,6 +14,16 @@ def test_to_sparse_drops_zeros_and_orders_by_impact():
     impacts = torch.tensor([[0, 5, 0, 9], [0, 0, 0, 0]], dtype=torch.int32)
     terms = ["a", "b", "c", "d"]
     assert to_sparse(impacts, terms) == [{"d": 9, "b": 5}, {}]
+
+
+def test_top_k_keeps_the_highest_impacts_and_breaks_ties_by_the_vectors_order():
+    impacts = torch.tensor([[0, 5, 3, 5, 1, 3, 0, 9]], dtype=torch.int32)
+    vec = to_sparse(impacts, [f"t{i}" for i in range(8)])[0]
+    assert top_k(vec, 3) == {"t7": 9, "t1": 5, "t3": 5}
+    assert list(top_k(vec, 4)) == ["t7", "t1", "t3", "t2"]  # t2 and t5 tie at 3: the lower vocabulary id stays
+    assert top_k(vec, 6) == top_k(vec, None) == vec == {"t7": 9, "t1": 5, "t3": 5, "t2": 3, "t5": 3, "t4": 1}
+    shuffled = {"b": 2, "a": 7, "c": 2}  # any vector, in whatever order it was read: by impact, then its order
+    assert list(top_k(shuffled, 2).items()) == [("a", 7), ("b", 2)]
 
 
 def test_term_vocabulary_is_unique_and_whitespace_free():

@@ -74,6 +74,42 @@ def test_training_after_an_untrained_encode_encodes_again(toy, tmp_path):
     assert _run_file(run) == _run_file(reference) != untrained
 
 
+@pytest.mark.process
+def test_pruning_builds_a_new_index_from_the_same_encodings(toy, tmp_path):
+    """encode.doc_top_k / query_top_k change the index and the search, not the encodings: evaluating a finished
+    run's model with them reuses its encodings (linked) and gives what a run trained with them from scratch gives."""
+    import os
+
+    from lsr_run.impacts import read_vectors, top_k
+
+    a, e, ref = tmp_path / "a", tmp_path / "eval", tmp_path / "ref"
+    _ok(_run(toy, a))
+    full = json.loads((a / "metrics.json").read_text())["toytest"]
+    assert full["doc_terms"] > 3 and full["query_terms"] > 2  # there is something to prune
+    pruning = ["encode.doc_top_k=3", "encode.query_top_k=2"]
+    proc = _ok(_run(toy, e, EVAL_ONLY, f"model.path={a / 'model'}", *pruning))
+    assert "the encodings of" in proc.stderr and "encoded toytest" not in proc.stderr
+    shards = sorted((e / "encoded").glob("*/corpus/*.jsonl"))
+    assert shards and all(os.path.samefile(s, a / s.relative_to(e)) for s in shards)  # the same files
+    docs = [vec for shard in shards for _, vec in read_vectors(shard)]
+    queries = [vec for _, vec in read_vectors(e / "encoded" / "toytest" / "queries.jsonl", id_key="qid")]
+    pruned = json.loads((e / "metrics.json").read_text())["toytest"]
+    assert pruned["doc_terms"] == pytest.approx(sum(len(top_k(v, 3)) for v in docs) / len(docs))
+    assert pruned["query_terms"] == pytest.approx(sum(len(top_k(v, 2)) for v in queries) / len(queries))
+    index = next((e / "index").iterdir())
+    from scipy import sparse
+
+    assert sparse.load_npz(index / "docs.npz").getnnz(axis=1).max() <= 3  # the index holds the pruned vectors
+    assert not list((e / "encoded").glob("*/.top*"))  # the pruned shards are gone once indexed
+    _ok(_run(toy, ref, *pruning))  # trained, encoded and pruned in one run
+    assert _run_file(ref) == _run_file(e)
+    assert json.loads((ref / "metrics.json").read_text()) == json.loads((e / "metrics.json").read_text())
+    # the same folder is a finished run of another config: refused, nothing lost
+    again = _run(toy, e, EVAL_ONLY, f"model.path={a / 'model'}", "encode.doc_top_k=5")
+    assert again.returncode == 2 and "encode.doc_top_k" in again.stderr
+    assert json.loads((e / "metrics.json").read_text())["toytest"] == pruned
+
+
 def _corpus(folder: Path, seed: int) -> Path:
     rng = random.Random(seed)
     docs = {f"d{i}": ("", " ".join(rng.choices(WORDS, k=20))) for i in range(30)}

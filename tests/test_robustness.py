@@ -70,10 +70,10 @@ def test_finished_run_is_never_overwritten_silently(toy, tmp_path):
     # the same config resumes: every stage is complete, nothing is recomputed
     again = cli(toy_overrides(toy, steps=2) + [f"hydra.run.dir={run_dir}"], env)
     assert again.returncode == 0 and "train: done already" in again.stderr
-    # a different config is refused, with the differing key named, and nothing is touched
+    # a different config is refused, with the differing key named (dotted), and nothing is touched
     other = cli(toy_overrides(toy, steps=2) + ["train.lr=5e-4", f"hydra.run.dir={run_dir}"], env)
     assert other.returncode == 2
-    assert "different config (differs in: train)" in other.stderr and "force=true" in other.stderr
+    assert "different config (differs in: train.lr)" in other.stderr and "force=true" in other.stderr
     assert "Traceback" not in other.stderr
     assert (run_dir / "metrics.json").read_text() == before
     forced = cli(toy_overrides(toy, steps=2) + ["train.lr=5e-4", "force=true", f"hydra.run.dir={run_dir}"], env)
@@ -109,6 +109,8 @@ def _experiment(overrides, tmp_path):
     (["teacher=bi_encoder", "teacher.normalize=softmax"], "teacher.normalize=softmax: allowed none, minmax, zscore"),
     (["encode.max_tokens=0"], "encode.max_tokens=0: must be >= 1"),
     (["encode.weights=fp8"], "encode.weights=fp8: allowed null (as loaded), bf16"),
+    (["encode.doc_top_k=0"], "encode.doc_top_k=0: must be >= 1 (or null: every term)"),
+    (["encode.query_top_k=-3"], "encode.query_top_k=-3: must be >= 1"),
 ])
 def test_bad_config_values_named_before_any_work(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:

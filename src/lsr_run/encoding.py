@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, term_vocabulary, to_sparse, vector_line,
-                      write_vectors)
+from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, read_vectors, term_vocabulary, to_sparse, top_k,
+                      vector_line, write_vectors)
 from .errors import ConfigError
 from .models import cpu_gemm
 from .models.splade import SpladeEncoder, switch
@@ -41,12 +41,20 @@ class EncodeSpec:
     max_tokens: int | None = None  # batches by a token budget (batch_size then caps the texts per batch)
     weights: str | None = None  # bf16: encode with the weights cast to bf16, rather than autocast over fp32
     cpu_gemm: str = "auto"  # fp32 CPU linear layers: auto | onednn | mkl (models/cpu_gemm.py), process-wide
+    # static pruning: the k highest impacts of each document (index stage) and query (search stage); the encodings
+    # keep every term, so changing k builds a new index or searches again, and never encodes again
+    doc_top_k: int | None = None
+    query_top_k: int | None = None
 
     def __post_init__(self) -> None:
         switch(self.bf16, False, "encode.bf16")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"encode.max_tokens={self.max_tokens}: must be >= 1 (or null: batch_size texts)")
         cpu_gemm.check(self.cpu_gemm, "encode.cpu_gemm")
+        for key in ("doc_top_k", "query_top_k"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"encode.{key}={value}: must be >= 1 (or null: every term)")
         if self.weights not in (None, "bf16"):
             raise ConfigError(f"encode.weights={self.weights}: allowed null (as loaded), bf16")
 
@@ -182,6 +190,26 @@ def merge_stats(out_dir: Path) -> dict:
              "docs_per_second": docs / max(1e-9, seconds), "ranks": len(parts)}
     write_json(files.stats, stats)
     return stats
+
+
+def prune_corpus(src: Path, dst: Path, k: int) -> dict:
+    """Write every shard of the encoded corpus ``src`` into ``dst`` under the same name, each document cut to its
+    ``k`` highest impacts (``impacts.top_k``); -> {"docs", "doc_terms"} of the pruned vectors (blank documents'
+    filler term not counted, as in the encode stats)."""
+    docs = terms = 0
+    dst.mkdir(parents=True, exist_ok=True)
+    for shard in EncodedCorpus(src).shards():
+        out = dst / shard.name
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                for doc_id, vec in read_vectors(shard):
+                    vec = top_k(vec, k)
+                    docs += 1
+                    terms += 0 if EMPTY_DOC_TERM in vec else len(vec)
+                    f.write(vector_line(doc_id, vec))
+        except OSError as e:  # a full disk: one line naming the file
+            raise (write_error(e, out) or e) from None
+    return {"docs": docs, "doc_terms": terms / max(1, docs)}
 
 
 def encode_queries(encoder: SpladeEncoder, queries: dict[str, str], path: Path, spec: EncodeSpec) -> dict:

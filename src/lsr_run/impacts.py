@@ -60,6 +60,14 @@ def to_sparse(impacts: torch.Tensor, terms: list[str]) -> list[SparseVector]:
     return out
 
 
+def top_k(vec: SparseVector, k: int | None) -> SparseVector:
+    """The ``k`` highest impacts of a vector (static pruning; ``None``: all). Ties keep the vector's own order,
+    which for vectors written by ``to_sparse`` is vocabulary order, so pruning is deterministic."""
+    if k is None or len(vec) <= k:
+        return vec
+    return dict(sorted(vec.items(), key=lambda kv: -kv[1])[:k])
+
+
 def vector_line(doc_id: str, vec: SparseVector, id_key: str = "id") -> str:
     return json.dumps({id_key: doc_id, "contents": "", "vector": vec}, ensure_ascii=False) + "\n"
 

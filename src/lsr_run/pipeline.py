@@ -53,8 +53,7 @@ def guard_run_dir(cfg: DictConfig, run: RunDir) -> None:
     if cfg.get("force", False):
         log.warning("force=true: overwriting the finished run in %s", run.root)
         return
-    a, b = _identity(old), _identity(cfg)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = prov.differences(_identity(old), _identity(cfg))  # dotted keys: encode.doc_top_k, not encode
     raise LsrError(f"{run.root} holds a finished run with a different config (differs in: {', '.join(diff)}); "
                    f"choose another hydra.run.dir or pass force=true to overwrite")
 

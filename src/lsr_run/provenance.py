@@ -26,7 +26,8 @@ TRAIN_NEUTRAL = ("log_every", "save_every", "prefetch")  # the model is the same
 # keys added after runs were recorded without them: at this value they are left out of the record, so a run
 # finished before the key existed still matches (candidates.random=0 is the pool such a run trained on)
 INERT_DEFAULTS = {"candidates.random": 0, "candidates.random_seed": 0, "train.compile": False,
-                  "encode.max_tokens": None, "encode.weights": None, "encode.cpu_gemm": "auto"}
+                  "encode.max_tokens": None, "encode.weights": None, "encode.cpu_gemm": "auto",
+                  "encode.doc_top_k": None, "encode.query_top_k": None}
 
 
 def digest(obj: Any) -> str:

@@ -11,7 +11,9 @@ One index per corpus is built and reused by every query set on that corpus.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +25,13 @@ from . import provenance as prov
 from . import run_dir as rd
 from .components import Components, build, load_model_folder, load_spec
 from .data import Dataset, read_trec_run, training_examples
-from .encoding import encode_corpus, encode_queries, merge_stats, read_query_vectors
+from .encoding import encode_corpus, encode_queries, merge_stats, prune_corpus, read_query_vectors
 from .errors import LsrError
 from .evaluation import evaluate_run, remove_self_hits
+from .impacts import top_k
 from .models.backbone import load_backbone
 from .models.splade import SpladeEncoder
-from .run_dir import RunDir
+from .run_dir import EncodedCorpus, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +146,17 @@ def corpus_id(ds: Dataset) -> str:
     return f"{ds.corpus_key}-{prov.corpus_digest(ds)[:10]}"
 
 
+# encode.* settings applied after encoding (static pruning): in the index and search keys, not the encodings'
+PRUNING = ("doc_top_k", "query_top_k")
+
+
 def encode_settings(ctx: StageContext) -> dict:
     """The encode config as keys see it: settings added later are left out at their default (``INERT_DEFAULTS``),
-    so the keys of earlier runs stay as they were."""
-    return prov.drop_inert(dict(ctx.parts.config.get("encode") or {}), "encode")
+    so the keys of earlier runs stay as they were; pruning is left out (the encodings keep every term)."""
+    settings = prov.drop_inert(dict(ctx.parts.config.get("encode") or {}), "encode")
+    for key in PRUNING:
+        settings.pop(key, None)
+    return settings
 
 
 def encode_key(ctx: StageContext, ds: Dataset) -> str:
@@ -162,12 +172,17 @@ def queries_key(ctx: StageContext, ds: Dataset) -> str:
 
 def index_key(ctx: StageContext, ds: Dataset) -> str:
     source = encode_key(ctx, ds) if ctx.parts.vectors else prov.corpus_digest(ds)
-    return prov.digest({"source": source, "index": ctx.parts.config.get("index")})
+    key = {"source": source, "index": ctx.parts.config.get("index")}
+    if ctx.parts.vectors and ctx.parts.encode.doc_top_k is not None:  # absent at null: earlier keys unchanged
+        key["doc_top_k"] = ctx.parts.encode.doc_top_k
+    return prov.digest(key)
 
 
 def search_key(ctx: StageContext, ds: Dataset) -> str:
-    return prov.digest({"index": index_key(ctx, ds), "queries": queries_key(ctx, ds),
-                        "k": ctx.parts.config["eval"].get("k")})
+    key = {"index": index_key(ctx, ds), "queries": queries_key(ctx, ds), "k": ctx.parts.config["eval"].get("k")}
+    if ctx.parts.vectors and ctx.parts.encode.query_top_k is not None:
+        key["query_top_k"] = ctx.parts.encode.query_top_k
+    return prov.digest(key)
 
 
 def evaluate_key(ctx: StageContext) -> str:
@@ -258,6 +273,35 @@ def train(ctx: StageContext) -> None:
         log.warning("training plot failed: %s", e)
 
 
+def reuse_encoding(ctx: StageContext, cid: str, corpus_key: str) -> bool:
+    """With ``model.path`` inside another run (``<run>/model``), take that run's encodings of the corpus when they
+    were computed from the same key (model, encode settings, corpus): linked, not copied, where the filesystem
+    allows. Evaluating a finished run's model under other index or pruning settings then never encodes again."""
+    path = ctx.cfg.model.path
+    if not path or ctx.dist.world > 1 or ctx.cfg.get("force", False):
+        return False
+    source = RunDir(Path(path).parent)
+    if source.root.resolve() == ctx.run.root.resolve():
+        return False
+    info = done_info(source, "encode", cid)
+    src = source.encoded_corpus(cid)
+    if info.get("provenance") != corpus_key or not EncodedCorpus(src).stats.exists():
+        return False
+    dst = ctx.run.encoded_corpus(cid)
+    with rd.atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
+    rd.mark_done(ctx.run, "encode", cid, {**info, "reused_from": str(src.resolve())})
+    log.info("encode %s: the encodings of %s, made from the same model, settings and corpus", cid, src)
+    return True
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
 def encode(ctx: StageContext) -> None:
     if not ctx.parts.vectors:
         return
@@ -267,7 +311,7 @@ def encode(ctx: StageContext) -> None:
         cid = corpus_id(ds)
         corpus_dir = run.encoded_corpus(cid)
         corpus_key = encode_key(ctx, ds)
-        if not ctx.current("encode", cid, corpus_key):
+        if not ctx.current("encode", cid, corpus_key) and not reuse_encoding(ctx, cid, corpus_key):
             if dist.is_main and corpus_dir.exists():  # shards of an interrupted attempt: start over
                 shutil.rmtree(corpus_dir)
             dist.barrier()
@@ -295,7 +339,15 @@ def index(ctx: StageContext) -> None:
         if ctx.current("index", cid, provenance):
             continue
         start = time.time()
-        if ctx.parts.vectors:
+        k = ctx.parts.encode.doc_top_k
+        if ctx.parts.vectors and k is not None:  # pruned shards beside the encodings, deleted once indexed
+            with tempfile.TemporaryDirectory(dir=run.encoded_corpus(cid).parent, prefix=f".top{k}-") as tmp:
+                pruned = prune_corpus(run.encoded_corpus(cid), Path(tmp), k)
+                log.info("%s: each document cut to its %d highest impacts (%.1f terms a document)", cid, k,
+                         pruned["doc_terms"])
+                stats = {**(backend.build(Path(tmp), run.index(cid)) or {}), "doc_top_k": k,
+                         "doc_terms": pruned["doc_terms"]}
+        elif ctx.parts.vectors:
             stats = backend.build(run.encoded_corpus(cid), run.index(cid))
         else:
             stats = backend.build_from_corpus(ds.corpus, run.index(cid))
@@ -314,11 +366,17 @@ def search(ctx: StageContext) -> None:
         if run_path.exists() and ctx.current("search", key, provenance):
             continue
         index_dir = run.index(corpus_id(ds))
+        info = {"provenance": provenance}
         if ctx.parts.vectors:
-            backend.search(index_dir, read_query_vectors(run.encoded_queries(key)), k, run_path)
+            queries = read_query_vectors(run.encoded_queries(key))
+            top = ctx.parts.encode.query_top_k
+            if top is not None:
+                queries = {qid: top_k(vec, top) for qid, vec in queries.items()}
+                info.update(query_top_k=top, query_terms=sum(map(len, queries.values())) / max(1, len(queries)))
+            backend.search(index_dir, queries, k, run_path)
         else:
             backend.search_text(index_dir, ds.judged_queries(), k, run_path)
-        rd.mark_done(run, "search", key, {"provenance": provenance})
+        rd.mark_done(run, "search", key, info)
 
 
 def evaluate(ctx: StageContext) -> None:
@@ -342,12 +400,25 @@ def evaluate(ctx: StageContext) -> None:
         if ctx.parts.vectors:
             qstats = run.encoded_queries_stats(key)
             dstats = run.encoded_corpus_stats(corpus_id(ds))
-            entry["query_terms"] = rd.read_json(qstats)["query_terms"] if qstats.exists() else None
-            entry["doc_terms"] = rd.read_json(dstats)["doc_terms"] if dstats.exists() else None
+            # pruned runs: the terms searched and indexed, as their stages recorded them
+            searched = done_info(run, "search", key) if ctx.parts.encode.query_top_k else {}
+            indexed = done_info(run, "index", corpus_id(ds)) if ctx.parts.encode.doc_top_k else {}
+            if "query_terms" not in searched:
+                searched = rd.read_json(qstats) if qstats.exists() else {}
+            if "doc_terms" not in indexed:
+                indexed = rd.read_json(dstats) if dstats.exists() else {}
+            entry["query_terms"] = searched.get("query_terms")
+            entry["doc_terms"] = indexed.get("doc_terms")
         entry["queries"] = len(per_query)
         out[key] = entry
     rd.write_json(run.metrics, out)
     rd.mark_done(run, "evaluate", "", {"provenance": provenance})
+
+
+def done_info(run: RunDir, stage: str, key: str) -> dict:
+    """What a finished stage recorded beside its output ({} if it did not finish)."""
+    path = run.stage_done(stage, key)
+    return rd.read_json(path) if path.exists() else {}
 
 
 def record_collapse(ctx: StageContext) -> None:
