@@ -66,7 +66,7 @@ RESULTS := results
 SWEEP_ARGS ?=
 # the head's norms after scaling, at initialisation (init_report.json): Frobenius and mean per-row L2 norm
 HEAD_NORMS := init_report:head.decoder_frobenius,head.row_norm_mean
-.PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-ood-fusion-cpu table-head-scaling table-sampling
+.PHONY: table-head-scaling-cpu table-sampling-cpu table-ood-cpu table-ood-prune-cpu table-ood-fusion-cpu table-head-scaling table-sampling
 
 table-head-scaling-cpu: $(STAMP) ## MLM-head rescaling on CPU: plain / x16-inflated / k=8, k=16, match_norm / bias 0; 3 seeds on scifact (21 runs of ~13 min alone on 2 AMD EPYC cores)
 	$(PY) scripts/sweep.py conf/sweep/head_scaling_cpu.yaml --out $(TABLES)/head_scaling_cpu $(SWEEP_ARGS)
@@ -85,6 +85,12 @@ table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) besid
 	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_cpu/bm25
 	$(PY) scripts/sweep.py conf/sweep/ood_cpu.yaml --out $(TABLES)/ood_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --keep-runs --label-from folder \
+	  --baseline bm25 --baseline demo
+
+table-ood-prune-cpu: $(STAMP) ## the demo's vectors statically pruned (conf/sweep/ood_prune_cpu.yaml): 3 demo runs, then each seed's model evaluated with its documents cut to their top 512/256/128 impacts (a minute each)
+	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_prune_cpu/bm25
+	$(PY) scripts/sweep.py conf/sweep/ood_prune_cpu.yaml --out $(TABLES)/ood_prune_cpu $(SWEEP_ARGS)
+	$(PY) scripts/collect.py $(TABLES)/ood_prune_cpu --out $(RESULTS)/ood_prune_cpu --seeds --keep-runs --label-from folder \
 	  --baseline bm25 --baseline demo
 
 table-ood-fusion-cpu: $(STAMP) ## each finished out-of-domain recipe run fused with BM25 (min-max wsum 0.5/0.5, and RRF; untuned), beside BM25 and the recipes (minutes; after table-ood-cpu)

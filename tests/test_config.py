@@ -1,5 +1,6 @@
 """Every option of every config group composes, and its _target_ builds; experiments compose too."""
 
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -91,12 +92,12 @@ def test_every_run_of_every_sweep_composes_and_builds(sweep, monkeypatch):
     from lsr_run.sweep import plan
 
     monkeypatch.setenv("REF_NORM", "190.3")
-    runs = plan(sweep)
+    runs = plan(sweep, out=Path("outputs/tables/x"))
     assert runs and len({r.name for r in runs}) == len(runs)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         seen: set[str] = set()
-        for run in plan(sweep, seeds=[1]):  # seeds add only seed=N
+        for run in plan(sweep, seeds=[1], out=Path("outputs/tables/x")):  # seeds add only seed=N
             if set(run.overrides) <= seen:
                 continue  # every override of this run was composed already (a grid crosses them)
             seen |= set(run.overrides)
@@ -118,6 +119,22 @@ def test_a_sweep_runs_a_subset_of_its_runs_and_seeds():
     assert len(plan(sweep)) == 18
     with pytest.raises(ConfigError, match="--runs hard: not in .*its runs: topk, random, stratified"):
         plan(sweep, only=["hard"])
+
+
+def test_a_sweep_run_can_evaluate_the_model_of_an_earlier_run_of_its_seed(tmp_path):
+    from lsr_run.errors import ConfigError
+    from lsr_run.sweep import plan
+
+    sweep = CONF_DIR / "sweep" / "ood_prune_cpu.yaml"
+    runs = plan(sweep, out=tmp_path, seeds=[1, 42])
+    names = [r.name for r in runs]
+    assert names[:2] == ["demo_s1", "demo_s42"]  # every seed of the trained run first
+    pruned = runs[names.index("doc_top256_s42")].overrides
+    assert f"model.path={tmp_path}/demo_s42/model" in pruned and "encode.doc_top_k=256" in pruned
+    assert "seed=42" in pruned and not any("{" in o for o in pruned)
+    with pytest.raises(ConfigError, match="run doc_top512_s1: 'model.path={out}/demo_s{seed}/model' names {out}, "
+                                          "but the sweep has no output folder"):
+        plan(sweep, seeds=[1])
 
 
 def test_false_switches_off_whatever_form_it_reaches_the_code_in():

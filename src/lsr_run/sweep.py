@@ -6,6 +6,10 @@ subprocesses into ``<out>/<run name>[_<grid values>][_s<seed>]``; a finished run
 themselves), so re-launching a killed sweep resumes it. A failed run is recorded (``failed.json``) and the
 sweep goes on. Hydra's own multirun (``lsr-run -m ...``) works as well; this file form keeps a paper table's
 exact list of runs in one reviewed place.
+
+An override may name ``{out}`` (the sweep's output folder) and ``{seed}`` (the run's seed), so that a run can
+evaluate the model of an earlier run of the same seed: ``model.path={out}/demo_s{seed}/model``. Runs go in the
+file's order, every seed of a run before the next run.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class PlannedRun:
 
 
 def plan(sweep_file: Path, extra: list[str] | None = None, only: list[str] | None = None,
-         seeds: list[int] | None = None) -> list[PlannedRun]:
+         seeds: list[int] | None = None, out: Path | None = None) -> list[PlannedRun]:
     """The sweep's runs in order; ``only`` keeps the named runs (``runs:`` keys), ``seeds`` replaces the file's
-    seeds (a first pass with one seed, the rest later: finished runs are skipped on the next launch)."""
+    seeds (a first pass with one seed, the rest later: finished runs are skipped on the next launch); ``{out}``
+    and ``{seed}`` in an override become ``out`` and the run's seed."""
     spec = OmegaConf.to_container(OmegaConf.load(sweep_file), resolve=True)
     unknown = set(spec) - {"base", "runs", "grid", "seeds", "description"}
     if unknown:
@@ -57,15 +62,26 @@ def plan(sweep_file: Path, extra: list[str] | None = None, only: list[str] | Non
         if seed is not None:
             label += f"_s{seed}"
             cells.append(f"seed={seed}")
-        planned.append(PlannedRun(label, base + list(overrides or []) + cells))
+        planned.append(PlannedRun(label, [fill(o, label, out, seed, sweep_file) for o in base + list(overrides or [])]
+                                  + cells))
     return planned
+
+
+def fill(override: str, label: str, out: Path | None, seed: int | None, sweep_file: Path) -> str:
+    for name, value in (("{out}", out), ("{seed}", seed)):
+        if name in override:
+            if value is None:
+                raise ConfigError(f"{sweep_file}: run {label}: {override!r} names {name}, but the sweep has "
+                                  f"{'no output folder' if name == '{out}' else 'no seeds'}")
+            override = override.replace(name, str(value))
+    return override
 
 
 def launch(sweep_file: Path, out: Path, extra: list[str] | None = None, dry_run: bool = False,
            only: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
     out = Path(out)
     results = []
-    for run in plan(sweep_file, extra, only, seeds):
+    for run in plan(sweep_file, extra, only, seeds, out):
         run_dir = out / run.name
         cmd = [sys.executable, "-m", "lsr_run.cli", *run.overrides, f"hydra.run.dir={run_dir}"]
         print(f"[sweep] {run.name}: lsr-run {' '.join(run.overrides)}", flush=True)
