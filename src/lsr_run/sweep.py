@@ -68,6 +68,8 @@ def plan(sweep_file: Path, extra: list[str] | None = None, only: list[str] | Non
 
 
 def fill(override: str, label: str, out: Path | None, seed: int | None, sweep_file: Path) -> str:
+    """``override`` with ``{out}`` and ``{seed}`` replaced (plain text replacement: Hydra's ``${...}`` and dict
+    values such as ``{name: adi}`` pass through); naming one the sweep lacks is an error naming the run."""
     for name, value in (("{out}", out), ("{seed}", seed)):
         if name in override:
             if value is None:
