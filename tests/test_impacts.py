@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 from lsr_run.impacts import QUANTIZATION_SCALE, quantize, term_vocabulary, to_sparse, top_k
@@ -125,3 +127,35 @@ def test_overlapped_encoding_writes_the_same_shards(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         encode_corpus(encoder, ds.corpus, tmp_path / "failed", spec, min_shards=3, overlap=True)
     assert not list((tmp_path / "failed").glob("*.jsonl*"))
+
+
+def test_pruning_processes_write_what_pruning_in_process_writes(tmp_path, monkeypatch):
+    """``prune_corpus`` on a large corpus hands groups of shards to ``python -m lsr_run.impacts`` processes: the
+    same pruned shards and counts as pruning in the calling process (blank documents' filler counts no term)."""
+    import random
+
+    from lsr_run import encoding
+    from lsr_run.impacts import write_vectors
+
+    rng = random.Random(0)
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for n in range(3):
+        rows = [(f"d{n}-{i}", {f"t{j}": rng.randint(1, 9) for j in rng.sample(range(50), rng.randint(1, 30))})
+                for i in range(40)] + [(f"blank{n}", {encoding.EMPTY_DOC_TERM: 1})]
+        write_vectors(src / f"part-000-{n:05d}.jsonl", rows)
+    alone = encoding.prune_corpus(src, tmp_path / "alone", 5, processes=2)  # 3 small shards: in this process
+    monkeypatch.setattr(encoding, "PRUNE_MB_PER_PROCESS", 1)  # every byte pays for a process
+    procs = encoding.prune_corpus(src, tmp_path / "procs", 5, processes=2)
+    assert procs == alone and alone["docs"] == 123
+    names = sorted(p.name for p in src.glob("*.jsonl"))
+    assert sorted(p.name for p in (tmp_path / "procs").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "procs" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+        pruned = [json.loads(line)["vector"] for line in (tmp_path / "procs" / name).read_text().splitlines()]
+        full = [json.loads(line)["vector"] for line in (src / name).read_text().splitlines()]
+        assert all(p == dict(sorted(f.items(), key=lambda kv: -kv[1])[:5]) for p, f in zip(pruned, full))
+    kept = sum(min(5, len(v)) for name in names for v in
+               (json.loads(line)["vector"] for line in (src / name).read_text().splitlines())
+               if encoding.EMPTY_DOC_TERM not in v)
+    assert alone["doc_terms"] == kept / 123

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .impacts import (QUANTIZATION_SCALE, SparseVector, quantize, read_vectors, term_vocabulary, to_sparse, top_k,
+from .impacts import (QUANTIZATION_SCALE, SparseVector, prune_shard, quantize, term_vocabulary, to_sparse,
                       vector_line, write_vectors)
-from .errors import ConfigError
+from .errors import ConfigError, LsrError
 from .models import cpu_gemm
 from .models.splade import SpladeEncoder, switch
 from . import interrupt
@@ -192,23 +194,35 @@ def merge_stats(out_dir: Path) -> dict:
     return stats
 
 
-def prune_corpus(src: Path, dst: Path, k: int) -> dict:
+PRUNE_MB_PER_PROCESS = 128 * 2**20  # shards' bytes from which one more pruning process pays for its start
+
+
+def prune_corpus(src: Path, dst: Path, k: int, processes: int = 1) -> dict:
     """Write every shard of the encoded corpus ``src`` into ``dst`` under the same name, each document cut to its
     ``k`` highest impacts (``impacts.top_k``); -> {"docs", "doc_terms"} of the pruned vectors (blank documents'
-    filler term not counted, as in the encode stats)."""
-    docs = terms = 0
+    filler term not counted, as in the encode stats). Large corpora are pruned by up to ``processes`` processes
+    (``python -m lsr_run.impacts``, which never imports torch), one per 128 MB of shards."""
     dst.mkdir(parents=True, exist_ok=True)
-    for shard in EncodedCorpus(src).shards():
-        out = dst / shard.name
+    shards = EncodedCorpus(src).shards()
+    size = sum(s.stat().st_size for s in shards)
+    processes = max(1, min(processes, len(shards), size // PRUNE_MB_PER_PROCESS))
+    if processes == 1:
+        counts = [prune_shard(shard, dst / shard.name, k, EMPTY_DOC_TERM) for shard in shards]
+    else:
+        started: list[subprocess.Popen] = []
         try:
-            with open(out, "w", encoding="utf-8") as f:
-                for doc_id, vec in read_vectors(shard):
-                    vec = top_k(vec, k)
-                    docs += 1
-                    terms += 0 if EMPTY_DOC_TERM in vec else len(vec)
-                    f.write(vector_line(doc_id, vec))
-        except OSError as e:  # a full disk: one line naming the file
-            raise (write_error(e, out) or e) from None
+            for group in (shards[i::processes] for i in range(processes)):
+                started.append(interrupt.popen(
+                    [sys.executable, "-m", "lsr_run.impacts", str(k), EMPTY_DOC_TERM, str(dst), *map(str, group)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            outputs = [p.communicate() for p in started]
+        finally:
+            interrupt.stop(started)
+        failed = [err.strip().splitlines()[-1:] for p, (_, err) in zip(started, outputs) if p.returncode]
+        if failed:
+            raise LsrError(f"pruning {src} to {k} terms a document failed: {failed[0]}")
+        counts = [tuple(json.loads(line)) for out, _ in outputs for line in out.splitlines()]
+    docs, terms = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return {"docs": docs, "doc_terms": terms / max(1, docs)}
 
 

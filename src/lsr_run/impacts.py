@@ -68,6 +68,25 @@ def top_k(vec: SparseVector, k: int | None) -> SparseVector:
     return dict(sorted(vec.items(), key=lambda kv: -kv[1])[:k])
 
 
+def prune_shard(src: Path, dst: Path, k: int, filler: str) -> tuple[int, int]:
+    """Copy the JSONL shard ``src`` to ``dst`` with each vector cut to its ``k`` highest impacts (``top_k``);
+    -> (documents, terms kept), a vector holding the ``filler`` term (a blank document) counting no terms. Runs in
+    worker processes that never import torch."""
+    from .run_dir import write_error
+
+    docs = terms = 0
+    try:
+        with open(dst, "w", encoding="utf-8") as f:
+            for doc_id, vec in read_vectors(src):
+                vec = top_k(vec, k)
+                docs += 1
+                terms += 0 if filler in vec else len(vec)
+                f.write(vector_line(doc_id, vec))
+    except OSError as e:  # a full disk: one line naming the file
+        raise (write_error(e, dst) or e) from None
+    return docs, terms
+
+
 def vector_line(doc_id: str, vec: SparseVector, id_key: str = "id") -> str:
     return json.dumps({id_key: doc_id, "contents": "", "vector": vec}, ensure_ascii=False) + "\n"
 
@@ -87,3 +106,17 @@ def read_vectors(path: Path, id_key: str = "id") -> Iterator[tuple[str, SparseVe
         for line in f:
             obj = json.loads(line)
             yield str(obj[id_key]), obj["vector"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lsr_run.impacts K FILLER DST SHARD...``: prune each shard into DST (``prune_shard``), printing
+    one JSON line [documents, terms] per shard (``encoding.prune_corpus``'s worker processes)."""
+    import sys
+
+    k, filler, dst, *shards = sys.argv[1:] if argv is None else argv
+    for shard in map(Path, shards):
+        print(json.dumps(prune_shard(shard, Path(dst) / shard.name, int(k), filler)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

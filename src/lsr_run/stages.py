@@ -342,7 +342,7 @@ def index(ctx: StageContext) -> None:
         k = ctx.parts.encode.doc_top_k
         if ctx.parts.vectors and k is not None:  # pruned shards beside the encodings, deleted once indexed
             with tempfile.TemporaryDirectory(dir=run.encoded_corpus(cid).parent, prefix=f".top{k}-") as tmp:
-                pruned = prune_corpus(run.encoded_corpus(cid), Path(tmp), k)
+                pruned = prune_corpus(run.encoded_corpus(cid), Path(tmp), k, backend.indexing_threads)
                 log.info("%s: each document cut to its %d highest impacts (%.1f terms a document)", cid, k,
                          pruned["doc_terms"])
                 stats = {**(backend.build(Path(tmp), run.index(cid)) or {}), "doc_top_k": k,
