@@ -87,7 +87,7 @@ table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) besid
 	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --keep-runs --label-from folder \
 	  --baseline bm25 --baseline demo
 
-table-ood-prune-cpu: $(STAMP) ## the demo's vectors statically pruned (conf/sweep/ood_prune_cpu.yaml): 3 demo runs, then each seed's model evaluated with its documents cut to their top 512/256/128 impacts (a minute each)
+table-ood-prune-cpu: $(STAMP) ## the demo's vectors statically pruned (conf/sweep/ood_prune_cpu.yaml): 3 demo runs, then each seed's model evaluated with its documents cut to their top 1024/512/256/128 impacts (a minute each)
 	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_prune_cpu/bm25
 	$(PY) scripts/sweep.py conf/sweep/ood_prune_cpu.yaml --out $(TABLES)/ood_prune_cpu $(SWEEP_ARGS)
 	$(PY) scripts/collect.py $(TABLES)/ood_prune_cpu --out $(RESULTS)/ood_prune_cpu --seeds --keep-runs --label-from folder \

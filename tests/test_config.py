@@ -132,7 +132,7 @@ def test_a_sweep_run_can_evaluate_the_model_of_an_earlier_run_of_its_seed(tmp_pa
     pruned = runs[names.index("doc_top256_s42")].overrides
     assert f"model.path={tmp_path}/demo_s42/model" in pruned and "encode.doc_top_k=256" in pruned
     assert "seed=42" in pruned and not any("{" in o for o in pruned)
-    with pytest.raises(ConfigError, match="run doc_top512_s1: 'model.path={out}/demo_s{seed}/model' names {out}, "
+    with pytest.raises(ConfigError, match="run doc_top1024_s1: 'model.path={out}/demo_s{seed}/model' names {out}, "
                                           "but the sweep has no output folder"):
         plan(sweep, seeds=[1])
 
