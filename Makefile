@@ -87,9 +87,14 @@ table-ood-cpu: $(STAMP) ## out-of-domain recipes (conf/sweep/ood_cpu.yaml) besid
 	$(PY) scripts/collect.py $(TABLES)/ood_cpu --out $(RESULTS)/ood_cpu --seeds --keep-runs --label-from folder \
 	  --baseline bm25 --baseline demo
 
-table-ood-prune-cpu: $(STAMP) ## the demo's vectors statically pruned (conf/sweep/ood_prune_cpu.yaml): 3 demo runs, then each seed's model evaluated with its documents cut to their top 1024/512/256/128 impacts (a minute each)
+table-ood-prune-cpu: $(STAMP) ## the demo's vectors statically pruned (conf/sweep/ood_prune_cpu.yaml): 3 demo runs, then each seed's model evaluated with its documents cut to their top 1024/512/256/128 impacts (a minute each), the demo and top-256 fused with BM25
 	$(LSR) experiment=bm25 hydra.run.dir=$(TABLES)/ood_prune_cpu/bm25
 	$(PY) scripts/sweep.py conf/sweep/ood_prune_cpu.yaml --out $(TABLES)/ood_prune_cpu $(SWEEP_ARGS)
+	for run in $(TABLES)/ood_prune_cpu/demo_s* $(TABLES)/ood_prune_cpu/doc_top256_s*; do \
+	  name=$$(basename $$run); \
+	  $(PY) scripts/fuse.py $(TABLES)/ood_prune_cpu/bm25 $$run --method wsum \
+	    --out $(TABLES)/ood_prune_cpu/$${name%_s*}+bm25_wsum_s$${name##*_s} > /dev/null || exit 1; \
+	done
 	$(PY) scripts/collect.py $(TABLES)/ood_prune_cpu --out $(RESULTS)/ood_prune_cpu --seeds --keep-runs --label-from folder \
 	  --baseline bm25 --baseline demo
 

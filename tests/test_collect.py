@@ -660,3 +660,22 @@ def test_kept_run_records_let_a_table_gain_seeds_after_the_runs_are_gone(tmp_pat
     before = (out / "table.md").stat().st_mtime_ns
     assert cli["main"]([str(tmp_path / "machine_b"), str(other), "--out", str(out), *args]) == 2
     assert (out / "table.md").stat().st_mtime_ns == before
+
+
+def test_evaluations_and_fusions_of_one_recipe_form_one_seed_row():
+    """Runs that evaluate (model.path) or fuse (fusion.runs) the runs of one seed each differ in those paths only
+    by the folders' seed suffix: they group by seed like trained runs; other folders stay apart."""
+    from lsr_run.collect import _without_seed
+
+    def evaluation(seed, folder):
+        return {"seed": seed, "model": {"path": f"out/{folder}/model"}, "encode": {"doc_top_k": 256}}
+
+    assert _without_seed(evaluation(1, "demo_s1")) == _without_seed(evaluation(2, "demo_s2"))
+    assert _without_seed(evaluation(2, "demo_s2")) != _without_seed(evaluation(2, "flops_s2"))
+    assert _without_seed(evaluation(1, "demo_s1x")) != _without_seed(evaluation(2, "demo_s2x"))  # not a suffix
+
+    def fusion(folder):
+        return {"seed": 42, "fusion": {"runs": ["/t/bm25", f"/t/{folder}"], "method": "wsum"}}
+
+    assert _without_seed(fusion("demo_s1")) == _without_seed(fusion("demo_s42"))
+    assert _without_seed(fusion("demo_s1")) != _without_seed(fusion("doc_top256_s1"))

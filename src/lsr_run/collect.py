@@ -204,10 +204,22 @@ def load_records(paths: list[Path], include_baselines: bool = False, label_from:
 SEED_SUFFIX = re.compile(r"_s\d+$")
 
 
+# keys that name the run directories of other runs, one seed each (an evaluation of a run's model, a fusion of
+# runs): compared without the folders' seed suffix, so that the seeds of such runs form one row as well
+RUN_PATH_KEYS = ("model.path", "fusion.runs")
+SEED_IN_PATH = re.compile(r"_s\d+(?=/|$)")
+
+
 def _without_seed(config: dict | None) -> str:
-    """A config's identity apart from its seed (and its run name, which names the output folder only)."""
+    """A config's identity apart from its seed (and its run name, which names the output folder only); paths to
+    other runs (``RUN_PATH_KEYS``) without their ``_s<seed>`` folder suffix."""
     flat = {k: v for k, v in flatten(config or {}).items()
             if k not in ("seed", "run_name") and k.split(".")[0] not in UNLABELLED_KEYS}
+    for key in RUN_PATH_KEYS:
+        if key in flat:
+            value = flat[key]
+            flat[key] = [SEED_IN_PATH.sub("_s*", str(v)) for v in value] if isinstance(value, list) else \
+                None if value is None else SEED_IN_PATH.sub("_s*", str(value))
     return json.dumps(flat, sort_keys=True, default=str)
 
 
